@@ -1,0 +1,299 @@
+"""The Engine: one loaded model, and request -> conditioning -> one loop -> images with provenance."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from . import vae as vae_ops
+from .conditioning import Conditioning, encode_text
+from .errors import ProvenanceError
+from .hashing import sha256_file
+from .images import load_rgb
+from .loading import ModelInfo, fp16_safe_vae, load_pipeline
+from .lora import LoraSet
+from .provenance import build_metadata, read_metadata, save_png
+from .request import GenerationRequest, ResolvedRequest, resolve
+from .sampling import StepCallback, StepInfo, denoise, initial_noise, schedule
+from .schedulers import SCHEDULERS, build_scheduler
+
+log = logging.getLogger("refgen")
+
+_DTYPES = {
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+def pick_device(device: Optional[str], dtype: Union[str, torch.dtype, None]) -> tuple[torch.device, torch.dtype]:
+    """Default: CUDA in fp16 when there is a GPU, else CPU in fp32."""
+    chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        return chosen, torch.float16 if chosen.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype.lower() not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of fp16, bf16, fp32")
+        dtype = _DTYPES[dtype.lower()]
+    if chosen.type == "cpu" and dtype == torch.float16:
+        raise ValueError("fp16 needs a GPU; on CPU use fp32 (default) or bf16")
+    return chosen, dtype
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    metadata: list[dict]
+    pixels: np.ndarray  # (N, H, W, 3) float32 in [0, 1], before 8-bit rounding
+
+    def pick(self, index: int) -> "GenerationResult":
+        return GenerationResult([self.images[index]], [self.seeds[index]], [self.metadata[index]], self.pixels[index : index + 1])
+
+    def save(self, folder: Union[str, Path], stem: Optional[str] = None) -> list[Path]:
+        """Write each image as a PNG with its provenance; returns the paths."""
+        folder = Path(folder)
+        stem = stem or datetime.now().strftime("%Y%m%d-%H%M%S")
+        saved = []
+        for image, seed, meta in zip(self.images, self.seeds, self.metadata):
+            path = _free_name(folder / f"{stem}-seed{seed}.png")
+            saved.append(save_png(image, meta, path))
+        return saved
+
+
+def _free_name(path: Path) -> Path:
+    candidate, counter = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
+        counter += 1
+    return candidate
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One resolved generation with its inputs loaded."""
+
+    resolved: ResolvedRequest
+    request: dict
+    init_image: Optional[Image.Image] = None
+    init_info: Optional[dict] = None
+    on_step: Optional[StepCallback] = field(default=None, compare=False)
+
+
+class Engine:
+    """One loaded SDXL model. Not thread-safe: use one Engine per worker."""
+
+    def __init__(self, pipe, model: ModelInfo, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False):
+        self.pipe = pipe
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self._loras = LoraSet(pipe, allow_pickle)
+        if model.notice:
+            log.warning(model.notice)
+
+    @classmethod
+    def load(
+        cls,
+        model: str = "sdxl-base",
+        device: Optional[str] = None,
+        dtype: Union[str, torch.dtype, None] = None,
+        *,
+        allow_pickle: bool = False,
+        attention: str = "auto",
+        compile: bool = False,
+        offload: bool = False,
+        vae_tiling: bool = False,
+        single_file_config: Optional[Path] = None,
+    ) -> "Engine":
+        """Load a model by manifest name, folder, cached repo id, single file or `tiny`.
+
+        attention: auto | sdpa | xformers. compile: torch.compile the UNet (slow first call).
+        offload: keep weights on the CPU and move each model to the GPU only while it runs (small GPUs).
+        vae_tiling: decode/encode in tiles (large images on small GPUs).
+        """
+        device, dtype = pick_device(device, dtype)
+        pipe, info = load_pipeline(str(model), dtype, allow_pickle, single_file_config)
+        safe_vae, vae_name = fp16_safe_vae(dtype)
+        if safe_vae is not None:
+            pipe.vae = safe_vae
+            info = replace(info, vae=vae_name)
+        if offload and device.type == "cuda":
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.to(device)
+        _configure_attention(pipe, attention, device)
+        if vae_tiling:
+            pipe.vae.enable_tiling()
+        if compile:
+            pipe.unet.compile(mode="max-autotune-no-cudagraphs")
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, info, device, dtype, allow_pickle)
+
+    @property
+    def native_size(self) -> int:
+        """The model's native square side in pixels (1024 for SDXL)."""
+        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def generate(self, request: GenerationRequest, on_step: Optional[StepCallback] = None) -> GenerationResult:
+        init_image = None
+        if request.init_image is not None:
+            init_image = load_rgb(request.init_image, "init image")
+        resolved = resolve(request, self.native_size, init_image.size if init_image else None)
+        return self._run(_Job(resolved, _request_record(request), init_image, _image_identity(request.init_image, init_image), on_step))
+
+    def replay(self, image_path: Union[str, Path], init_image: Optional[Union[str, Path]] = None) -> GenerationResult:
+        """Regenerate a refgen PNG from its metadata (bit-identical on the same device and dtype).
+
+        The whole batch the image came from is re-run, so batched numerics match exactly.
+        """
+        meta = read_metadata(Path(image_path))
+        resolved = ResolvedRequest(**meta["resolved"])
+        init, init_info = None, meta.get("init_image")
+        if init_info is not None:
+            init, init_info = _replay_init_image(init_info, init_image)
+        result = self._run(_Job(resolved, meta["request"], init, init_info))
+        return result.pick(meta["image"]["index"])
+
+    # -- the path of one request -------------------------------------------------------------
+
+    def _run(self, job: _Job) -> GenerationResult:
+        resolved = job.resolved
+        lora_identities = self._loras.activate(resolved.loras)
+        cond = encode_text(
+            self.pipe, resolved.prompt, resolved.negative_prompt, len(resolved.seeds),
+            resolved.width, resolved.height, resolved.guidance_scale, self.device,
+        )
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in resolved.seeds]
+        init_pixels = None
+        if job.init_image is not None:
+            init_pixels = vae_ops.pil_to_tensor([_fit(job.init_image, resolved.width, resolved.height)])
+        latents = self._sample(cond, resolved, generators, init_pixels, resolved.denoise, job.on_step, "base")
+        pixels = vae_ops.decode(self.pipe.vae, latents)
+        if resolved.refine_scale != 1.0:
+            pixels = self._refine(cond, resolved, generators, pixels, job.on_step)
+        size = (pixels.shape[2], pixels.shape[1])
+        metadata = [
+            build_metadata(
+                request=job.request, resolved=resolved.model_dump(mode="json"), index=index, size=size,
+                model=self._model_record(), loras=lora_identities, init_image=job.init_info,
+                scheduler=self._scheduler_record(resolved.scheduler), device=self._device_record(),
+            )
+            for index in range(len(resolved.seeds))
+        ]
+        return GenerationResult(vae_ops.pixels_to_pil(pixels), list(resolved.seeds), metadata, pixels)
+
+    def _sample(self, cond: Conditioning, resolved: ResolvedRequest, generators, init_pixels, denoise_strength, on_step, phase):
+        scheduler = build_scheduler(resolved.scheduler, self.pipe.scheduler.config)
+        timesteps = schedule(scheduler, resolved.steps, denoise_strength, self.device)
+        batch = len(generators)
+        if init_pixels is None:
+            channels = self.pipe.vae.config.latent_channels
+            factor = self.pipe.vae_scale_factor
+            shape = (batch, channels, resolved.height // factor, resolved.width // factor)
+            latents = initial_noise(shape, generators, self.device, self.dtype) * scheduler.init_noise_sigma
+        else:
+            pixels = init_pixels.expand(batch, -1, -1, -1) if init_pixels.shape[0] == 1 else init_pixels
+            clean = vae_ops.encode(self.pipe.vae, pixels, generators, self.dtype)
+            noise = initial_noise(clean.shape, generators, self.device, self.dtype)
+            latents = scheduler.add_noise(clean, noise, timesteps[:1].repeat(batch))
+        callback = None if on_step is None else (lambda info: on_step(replace(info, phase=phase)))
+        return denoise(self.pipe.unet, scheduler, latents, timesteps, cond, generators, callback)
+
+    def _refine(self, cond, resolved: ResolvedRequest, generators, pixels: np.ndarray, on_step) -> np.ndarray:
+        """Quality mode: upsample the image and denoise it lightly again, adding detail at the new size."""
+        width, height = resolved.output_size
+        upsampled = torch.nn.functional.interpolate(
+            torch.from_numpy(pixels).permute(0, 3, 1, 2) * 2 - 1, size=(height, width), mode="bicubic", align_corners=False
+        ).clamp(-1, 1)
+        refine_request = resolved.model_copy(update={"width": width, "height": height})
+        latents = self._sample(cond.at_size(width, height), refine_request, generators, upsampled, resolved.refine_denoise, on_step, "refine")
+        return vae_ops.decode(self.pipe.vae, latents)
+
+    # -- provenance records ----------------------------------------------------------------
+
+    def _model_record(self) -> dict:
+        return {
+            "reference": self.model.reference, "kind": self.model.kind, "location": self.model.location,
+            "hashes": self.model.hashes, "short_hash": self.model.short_hash, "vae": self.model.vae,
+        }
+
+    def _scheduler_record(self, name: str) -> dict:
+        spec = SCHEDULERS[name]
+        return {"name": name, "class": spec.class_name, "options": spec.options, "base_config": _jsonable(dict(self.pipe.scheduler.config))}
+
+    def _device_record(self) -> dict:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {"type": self.device.type, "name": name, "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale and centre-crop to the output size (cover), so the init image is never distorted."""
+    if image.size == (width, height):
+        return image
+    return ImageOps.fit(image, (width, height), Image.LANCZOS)
+
+
+def _configure_attention(pipe, attention: str, device: torch.device) -> None:
+    """SDPA is diffusers' default; xformers when asked for (or 'auto' on CUDA with xformers installed)."""
+    if attention not in {"auto", "sdpa", "xformers"}:
+        raise ValueError(f"attention must be auto, sdpa or xformers, not {attention!r}")
+    wants_xformers = attention == "xformers" or (attention == "auto" and device.type == "cuda" and _has_xformers())
+    if wants_xformers:
+        if not _has_xformers():
+            raise ValueError("attention='xformers' but xformers is not installed (pip install 'refgen[xformers]')")
+        pipe.enable_xformers_memory_efficient_attention()
+
+
+def _has_xformers() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("xformers") is not None
+
+
+def _request_record(request: GenerationRequest) -> dict:
+    record = request.model_dump(mode="json", exclude={"init_image"})
+    if request.init_image is not None:
+        record["init_image"] = str(request.init_image) if isinstance(request.init_image, (str, Path)) else "<in-memory image>"
+    return record
+
+
+def _image_identity(source: Any, image: Optional[Image.Image]) -> Optional[dict]:
+    """Where the init image came from and the hash of the file (or of its pixels, in memory)."""
+    if image is None:
+        return None
+    if isinstance(source, (str, Path)):
+        return {"path": str(Path(source).resolve()), "sha256": sha256_file(Path(source))}
+    import hashlib
+
+    return {"path": None, "sha256": hashlib.sha256(image.tobytes()).hexdigest(), "hash_of": "rgb pixels"}
+
+
+def _replay_init_image(info: dict, override: Optional[Union[str, Path]]) -> tuple[Image.Image, dict]:
+    path = Path(override) if override else (Path(info["path"]) if info.get("path") else None)
+    if path is None or not path.is_file():
+        raise ProvenanceError(
+            f"this image was made from an init image that is not available ({info.get('path') or 'in memory'}); "
+            "pass it with --init / init_image="
+        )
+    actual = sha256_file(path)
+    if info.get("path") and actual != info["sha256"]:
+        raise ProvenanceError(f"init image {path} has changed since the image was made (sha256 {actual[:12]} != {info['sha256'][:12]})")
+    return load_rgb(path, "init image"), {**info, "path": str(path.resolve())}
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

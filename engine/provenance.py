@@ -1,0 +1,120 @@
+"""Provenance: what made an image, written into the PNG itself, and read back for replay.
+
+Two text chunks: `refgen` (JSON, complete and replayable) and `parameters` (the A1111 string
+that common prompt readers understand).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+from datetime import datetime, timezone
+from importlib import metadata as package_metadata
+from pathlib import Path
+from typing import Optional
+
+from PIL import Image, PngImagePlugin
+
+from .errors import ProvenanceError
+from .images import write_atomic
+from .schedulers import SCHEDULERS
+
+FORMAT_VERSION = 1
+_PACKAGES = ("refgen", "torch", "diffusers", "transformers", "accelerate", "safetensors", "peft")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = package_metadata.version(name)
+        except package_metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def a1111_parameters(meta: dict) -> str:
+    """The `parameters` text A1111, ComfyUI readers, Civitai and others parse."""
+    resolved, image = meta["resolved"], meta["image"]
+    lines = [resolved["prompt"]]
+    if resolved.get("negative_prompt"):
+        lines.append(f"Negative prompt: {resolved['negative_prompt']}")
+    fields = {
+        "Steps": resolved["steps"],
+        "Sampler": SCHEDULERS[resolved["scheduler"]].label,
+        "CFG scale": resolved["guidance_scale"],
+        "Seed": image["seed"],
+        "Size": f"{image['width']}x{image['height']}",
+        "Model hash": meta["model"].get("short_hash") or None,
+        "Model": meta["model"]["reference"],
+        "Denoising strength": round(1 - resolved["init_strength"], 3) if resolved.get("init_strength") else None,
+        "Lora hashes": ", ".join(f"{Path(l['path']).stem}: {l['sha256'][:12]}" for l in meta["loras"]) or None,
+        "Version": f"refgen {meta['versions'].get('refgen', '?')}",
+    }
+    lines.append(", ".join(f"{key}: {_quoted(value)}" for key, value in fields.items() if value is not None))
+    return "\n".join(lines)
+
+
+def _quoted(value) -> str:
+    text = str(value)
+    return json.dumps(text) if ("," in text or ":" in text) and not text.startswith("refgen") else text
+
+
+def build_metadata(
+    *,
+    request: dict,
+    resolved: dict,
+    index: int,
+    size: tuple[int, int],
+    model: dict,
+    loras: list[dict],
+    init_image: Optional[dict],
+    scheduler: dict,
+    device: dict,
+) -> dict:
+    """One image's provenance record. Everything replay needs is in `resolved`, `model` and `init_image`."""
+    return {
+        "format": FORMAT_VERSION,
+        "request": request,
+        "resolved": resolved,
+        "image": {"index": index, "seed": resolved["seeds"][index], "width": size[0], "height": size[1]},
+        "model": model,
+        "loras": loras,
+        "init_image": init_image,
+        "scheduler": scheduler,
+        "device": device,
+        "versions": package_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def png_bytes(image: Image.Image, meta: dict) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("refgen", json.dumps(meta, sort_keys=True))
+    info.add_text("parameters", a1111_parameters(meta))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(image: Image.Image, meta: dict, path: Path) -> Path:
+    """Write the PNG with its provenance atomically (never a partial file under the final name)."""
+    return write_atomic(Path(path), png_bytes(image, meta))
+
+
+def read_metadata(path: Path) -> dict:
+    try:
+        with Image.open(path) as image:
+            text = image.text.get("refgen") if hasattr(image, "text") else None
+    except (OSError, SyntaxError) as exc:
+        raise ProvenanceError(f"cannot read {path}: {exc}") from exc
+    if not text:
+        raise ProvenanceError(f"{path} has no refgen metadata (was it made by refgen, or re-saved by an editor?)")
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        raise ProvenanceError(f"{path} has damaged refgen metadata: {exc}") from exc
+    if meta.get("format") != FORMAT_VERSION:
+        raise ProvenanceError(f"{path} uses metadata format {meta.get('format')}; this refgen reads {FORMAT_VERSION}")
+    return meta

@@ -1,0 +1,184 @@
+"""What a user asks for (GenerationRequest) and what the engine will actually run (ResolvedRequest)."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from . import presets as preset_lib
+from . import schedulers
+from .presets import MODES, Mode, ModeSettings
+from .sizes import parse_ratio, size_for_ratio
+
+MAX_SEED = 2**53 - 1  # survives JSON round trips in every language
+MAX_SIDE = 4096
+
+
+class LoraSpec(BaseModel):
+    """One LoRA file (diffusers or kohya layout) and its weight."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+    weight: float = Field(default=1.0, ge=-4.0, le=4.0)
+
+    @classmethod
+    def parse(cls, text: str) -> "LoraSpec":
+        """'path/to/file.safetensors:0.8' (weight optional) -> LoraSpec."""
+        path, sep, weight = text.rpartition(":")
+        if sep and path and _is_number(weight):
+            return cls(path=path, weight=float(weight))
+        return cls(path=text)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+class GenerationRequest(BaseModel):
+    """One generation request. Unset fields come from the preset, then the mode, then defaults."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_assignment=True)
+
+    prompt: str = Field(min_length=1, max_length=10_000)
+    negative_prompt: Optional[str] = Field(default=None, max_length=10_000)
+    width: Optional[int] = Field(default=None, ge=64, le=MAX_SIDE)
+    height: Optional[int] = Field(default=None, ge=64, le=MAX_SIDE)
+    aspect_ratio: Optional[str] = None
+    num_images: int = Field(default=1, ge=1, le=8)
+    seed: Optional[int] = Field(default=None, ge=0, le=MAX_SEED - 8)
+    steps: Optional[int] = Field(default=None, ge=1, le=150)
+    guidance_scale: Optional[float] = Field(default=None, ge=1.0, le=20.0)
+    scheduler: Optional[str] = None
+    mode: Optional[Mode] = None
+    preset: Optional[str] = None
+    init_image: Optional[Union[str, Path, Image.Image]] = None
+    init_strength: Optional[float] = Field(default=None, ge=0.1, le=0.9)
+    loras: list[LoraSpec] = Field(default_factory=list, max_length=16)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None and value % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
+        return value
+
+    @field_validator("aspect_ratio")
+    @classmethod
+    def _valid_ratio(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            parse_ratio(value)
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: Optional[str]) -> Optional[str]:
+        return None if value is None else schedulers.canonical_name(value)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        try:
+            return preset_lib.get_preset(value).name
+        except preset_lib.PresetError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _lora_strings(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [LoraSpec.parse(item) if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GenerationRequest":
+        if (self.width is None) != (self.height is None):
+            raise ValueError("width and height: give both or neither")
+        if self.width is not None and self.aspect_ratio is not None:
+            raise ValueError("aspect_ratio conflicts with width/height: give one or the other")
+        if self.init_strength is not None and self.init_image is None:
+            raise ValueError("init_strength needs an init_image")
+        return self
+
+
+class ResolvedRequest(BaseModel):
+    """Every value the engine runs with, after presets, mode and defaults. Recorded in provenance."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str
+    negative_prompt: Optional[str]
+    width: int
+    height: int
+    seeds: list[int]
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    mode: Mode
+    preset: Optional[str]
+    init_strength: Optional[float]
+    refine_scale: float
+    refine_denoise: float
+    loras: list[LoraSpec]
+
+    @property
+    def denoise(self) -> float:
+        """Leonardo's init_strength is closeness to the init image; the sampler wants its opposite."""
+        return 1.0 if self.init_strength is None else 1.0 - self.init_strength
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        if self.refine_scale == 1.0:
+            return self.width, self.height
+        return _refined_side(self.width, self.refine_scale), _refined_side(self.height, self.refine_scale)
+
+
+def _refined_side(side: int, scale: float) -> int:
+    return int(round(side * scale / 8)) * 8
+
+
+def resolve(request: GenerationRequest, native_size: int = 1024, init_size: Optional[tuple[int, int]] = None) -> ResolvedRequest:
+    """Fill every unset field: request > preset > mode > engine defaults.
+
+    `native_size` is the model's native square side (1024 for SDXL); `init_size` the init
+    image's size, used when the request gives no size so img2img keeps the image's shape.
+    """
+    preset = preset_lib.get_preset(request.preset) if request.preset else preset_lib.Preset(name="none")
+    mode = request.mode or preset.mode or "fast"
+    settings: ModeSettings = MODES[mode]
+    width, height = _resolve_size(request, preset, native_size, init_size)
+    base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+    return ResolvedRequest(
+        prompt=preset.compose_prompt(request.prompt),
+        negative_prompt=preset.compose_negative(request.negative_prompt),
+        width=width,
+        height=height,
+        seeds=[base_seed + index for index in range(request.num_images)],
+        steps=request.steps or preset.steps or settings.steps,
+        guidance_scale=request.guidance_scale or preset.guidance_scale or preset_lib.DEFAULT_GUIDANCE,
+        scheduler=schedulers.canonical_name(request.scheduler or preset.scheduler or schedulers.DEFAULT_SCHEDULER),
+        mode=mode,
+        preset=request.preset,
+        init_strength=(request.init_strength or 0.5) if request.init_image is not None else None,
+        refine_scale=settings.refine_scale,
+        refine_denoise=settings.refine_denoise,
+        loras=list(request.loras),
+    )
+
+
+def _resolve_size(request, preset, native_size, init_size) -> tuple[int, int]:
+    if request.width is not None:
+        return request.width, request.height
+    ratio = request.aspect_ratio or preset.aspect_ratio
+    if ratio is None and init_size is not None:
+        ratio = f"{init_size[0]}:{init_size[1]}"
+    return size_for_ratio(ratio or "1:1", native_size)

@@ -1,0 +1,99 @@
+"""The one denoising loop, and the latents it starts from.
+
+Schedulers are diffusers' classes; the UNet is diffusers' model. What is ours is the loop that
+combines text guidance and every adapter's contribution in a single UNet call per step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .conditioning import Conditioning
+from .errors import GenerationCancelled
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Passed to the per-step callback. Return False from the callback to cancel."""
+
+    step: int  # 0-based
+    total: int
+    timestep: float
+    latents: torch.Tensor
+    phase: str = "base"  # "base", or "refine" for quality mode's second pass
+
+
+StepCallback = Callable[[StepInfo], Optional[bool]]
+
+
+def initial_noise(shape, generators: list[torch.Generator], device, dtype) -> torch.Tensor:
+    """Noise for a batch, one generator per image, drawn on each generator's device.
+
+    Image i's noise depends only on generator i, so image i of a batch equals a single run
+    with that seed.
+    """
+    single = (1, *shape[1:])
+    parts = [torch.randn(single, generator=g, device=g.device, dtype=dtype) for g in generators]
+    return torch.cat(parts).to(device)
+
+
+def schedule(scheduler, steps: int, denoise: float, device) -> torch.Tensor:
+    """Timesteps to run. img2img (denoise < 1) skips the noisiest steps, as diffusers does."""
+    scheduler.set_timesteps(steps, device=device)
+    if denoise >= 1.0:
+        return scheduler.timesteps
+    kept = max(1, min(int(steps * denoise), steps))  # at least one step, or nothing would change
+    start = (steps - kept) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
+
+
+def step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
+    """Ancestral/SDE schedulers draw noise each step: give them the per-image generators."""
+    accepted = inspect.signature(scheduler.step).parameters
+    return {"generator": generators} if "generator" in accepted else {}
+
+
+def predict_noise(unet, latents, timestep, cond: Conditioning, scheduler, step: int, total: int) -> torch.Tensor:
+    """One guided UNet evaluation: both CFG halves in one batched call, plus adapter inputs."""
+    latent_input = torch.cat([latents] * 2) if cond.guided else latents
+    latent_input = scheduler.scale_model_input(latent_input, timestep)
+    kwargs = {
+        "encoder_hidden_states": cond.prompt_embeds,
+        "added_cond_kwargs": {"text_embeds": cond.pooled_embeds, "time_ids": cond.time_ids},
+    }
+    for contribution in cond.contributions:
+        extra = contribution.unet_kwargs(latent_input, timestep, step, total)
+        kwargs["added_cond_kwargs"].update(extra.pop("added_cond_kwargs", {}))
+        kwargs.update(extra)
+    noise = unet(latent_input, timestep, return_dict=False, **kwargs)[0]
+    if not cond.guided:
+        return noise
+    unconditional, conditional = noise.chunk(2)
+    return unconditional + cond.guidance_scale * (conditional - unconditional)
+
+
+def denoise(
+    unet,
+    scheduler,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: Conditioning,
+    generators: list[torch.Generator],
+    on_step: Optional[StepCallback] = None,
+) -> torch.Tensor:
+    """Run the scheduler from `latents` over `timesteps`; returns the denoised latents."""
+    extra = step_kwargs(scheduler, generators)
+    total = len(timesteps)
+    with torch.inference_mode():
+        for step, timestep in enumerate(timesteps):
+            noise = predict_noise(unet, latents, timestep, cond, scheduler, step, total)
+            latents = scheduler.step(noise, timestep, latents, return_dict=False, **extra)[0]
+            if on_step is not None and on_step(StepInfo(step, total, float(timestep), latents)) is False:
+                raise GenerationCancelled(f"cancelled by the step callback after step {step + 1} of {total}")
+    return latents

@@ -1,0 +1,82 @@
+"""VAE encode/decode with the fp16 safety net.
+
+SDXL's original VAE overflows in fp16 (its config says force_upcast): it is run in fp32 for
+the call. A decode that still yields NaN/inf is retried once in fp32 before it is reported.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import NonFiniteOutputError
+
+
+def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """RGB PIL images of one size -> (B, 3, H, W) float32 in [-1, 1]."""
+    arrays = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for image in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2) * 2.0 - 1.0
+
+
+def pixels_to_pil(pixels: np.ndarray) -> list[Image.Image]:
+    """(B, H, W, 3) floats in [0, 1] -> PIL images (rounded like diffusers)."""
+    return [Image.fromarray((frame * 255).round().astype(np.uint8)) for frame in pixels]
+
+
+def _needs_upcast(vae) -> bool:
+    return vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+
+
+def _run_in(vae, dtype, fn):
+    """Call fn with the VAE temporarily in `dtype` (restored afterwards)."""
+    original = vae.dtype
+    if original == dtype:
+        return fn()
+    vae.to(dtype=dtype)
+    try:
+        return fn()
+    finally:
+        vae.to(dtype=original)
+
+
+def encode(vae, pixels: torch.Tensor, generators: list[torch.Generator], dtype) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> scaled latents; image i's latent sample uses generator i."""
+    device = next(vae.parameters()).device
+    work_dtype = torch.float32 if _needs_upcast(vae) else vae.dtype
+
+    def run():
+        with torch.inference_mode():
+            batch = pixels.to(device=device, dtype=work_dtype)
+            samples = [
+                vae.encode(batch[i : i + 1]).latent_dist.sample(generator=generators[i]) for i in range(len(generators))
+            ]
+            return torch.cat(samples)
+
+    latents = _run_in(vae, work_dtype, run)
+    return (latents * vae.config.scaling_factor).to(dtype)
+
+
+def decode(vae, latents: torch.Tensor) -> np.ndarray:
+    """Scaled latents -> (B, H, W, 3) float32 pixels in [0, 1]. Raises NonFiniteOutputError."""
+    if not torch.isfinite(latents).all():
+        raise NonFiniteOutputError(
+            "the sampler produced NaN/inf latents; try dtype=bfloat16 or float32, fewer LoRAs, or another scheduler"
+        )
+    work_dtype = torch.float32 if _needs_upcast(vae) else vae.dtype
+    images = _run_in(vae, work_dtype, lambda: _decode(vae, latents, work_dtype))
+    if not torch.isfinite(images).all() and work_dtype != torch.float32:
+        images = _run_in(vae, torch.float32, lambda: _decode(vae, latents, torch.float32))
+    if not torch.isfinite(images).all():
+        raise NonFiniteOutputError("the VAE produced NaN/inf pixels even in float32")
+    pixels = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    black = [index for index, frame in enumerate(pixels) if frame.max() < 1.0 / 255]
+    if black:
+        raise NonFiniteOutputError(f"image(s) {black} decoded all black; this is a numerical failure, not a result")
+    return pixels
+
+
+def _decode(vae, latents, dtype) -> torch.Tensor:
+    with torch.inference_mode():
+        scaled = latents.to(dtype=dtype) / vae.config.scaling_factor
+        return vae.decode(scaled, return_dict=False)[0]

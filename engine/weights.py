@@ -1,0 +1,474 @@
+"""The weights manifest, presence checks, and the one place refgen downloads.
+
+`weights/manifest.toml` lists every model component: its Hugging Face repo and pinned revision,
+license, local folder and files (with sha256/size where published). The engine calls `require()`
+before loading a manifest model; only `fetch()` (behind `refgen weights fetch`) touches the
+network, and huggingface_hub is imported inside the hub functions so importing this module never
+does.
+
+Every fetched file lands under its final name only after its sha256 checked out, and its hash is
+recorded in `<folder>/.refgen-lock.json`, so `verify()` can later detect a changed file even where
+the manifest has no hash.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine import paths
+from engine.errors import RefgenError, UnknownModelError, WeightsIntegrityError, WeightsMissingError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+LOCK_FILE_NAME = ".refgen-lock.json"
+# Downloads land here first: inside the component folder, so the final os.replace stays on one
+# filesystem (atomic), and at a fixed name, so huggingface_hub can resume an interrupted download.
+STAGING_DIR_NAME = ".refgen-download"
+HASH_CHUNK_BYTES = 1024 * 1024
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+# (repo, filename, revision, dest_dir) -> path of the downloaded file (expected under dest_dir)
+Downloader = Callable[[str, str, str, Path], Path]
+# (repo, filename, revision) -> the hub's sha256 of that file, or None when it publishes none
+HashLookup = Callable[[str, str, str], str | None]
+CheckStatus = Literal["ok", "missing", "mismatch", "unverified"]
+
+
+# ----------------------------------------------------------------------------------- manifest
+
+
+def _relative_inside(value: str) -> str:
+    """Reject paths that could escape the weights folder (absolute, '..', backslashes)."""
+    pure = PurePosixPath(value)
+    if not value or pure.is_absolute() or ".." in pure.parts or "\\" in value:
+        raise ValueError(f"must be a relative path inside the weights folder, got {value!r}")
+    return str(pure)
+
+
+class WeightFile(BaseModel):
+    """One file of a component, relative to the component's folder (and to the repo root)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    sha256: str | None = None
+    size: int | None = Field(default=None, ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _path_inside(cls, value: str) -> str:
+        return _relative_inside(value)
+
+    @field_validator("sha256")
+    @classmethod
+    def _lowercase_hex(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().lower()
+        if not _SHA256_HEX.match(value):
+            raise ValueError(f"sha256 must be 64 hex digits, got {value!r}")
+        return value
+
+
+class ManifestEntry(BaseModel):
+    """One model component: where it comes from, under which license, and which files it needs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    kind: str
+    description: str = ""
+    repo: str
+    revision: str = "main"
+    license: str
+    license_name: str | None = None
+    license_url: str = ""
+    local_dir: str
+    variant: str | None = None
+    files: tuple[WeightFile, ...] = Field(min_length=1)
+
+    @field_validator("local_dir")
+    @classmethod
+    def _local_dir_inside(cls, value: str) -> str:
+        return _relative_inside(value)
+
+    @model_validator(mode="after")
+    def _unique_file_paths(self) -> ManifestEntry:
+        seen = [f.path for f in self.files]
+        duplicates = sorted({p for p in seen if seen.count(p) > 1})
+        if duplicates:
+            raise ValueError(f"component {self.name!r} lists files twice: {', '.join(duplicates)}")
+        return self
+
+    def folder(self, weights_dir: Path | str | None = None) -> Path:
+        root = Path(weights_dir).expanduser() if weights_dir is not None else paths.weights_dir()
+        return root / self.local_dir
+
+    @property
+    def total_size(self) -> int | None:
+        """Sum of the file sizes, or None when any size is unknown."""
+        sizes = [f.size for f in self.files]
+        return None if any(s is None for s in sizes) else sum(s for s in sizes if s is not None)
+
+    @property
+    def license_label(self) -> str:
+        if self.license_name and self.license_name != self.license:
+            return f"{self.license_name} ({self.license})"
+        return self.license
+
+
+class Manifest(BaseModel):
+    """All components of `weights/manifest.toml` (one `[[component]]` table each)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    entries: tuple[ManifestEntry, ...]
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Manifest:
+        names = [e.name for e in self.entries]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"component names must be unique, repeated: {', '.join(duplicates)}")
+        return self
+
+    @classmethod
+    def load(cls, path: Path | str | None = None) -> Manifest:
+        source = Path(path).expanduser() if path is not None else paths.manifest_path()
+        try:
+            raw = tomllib.loads(source.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RefgenError(
+                f"weights manifest not found at {source}; point REFGEN_MANIFEST at a manifest.toml"
+            ) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise RefgenError(f"weights manifest {source} is not valid TOML: {exc}") from exc
+        try:
+            return cls(entries=tuple(raw.get("component", [])), source=source)
+        except ValidationError as exc:
+            raise RefgenError(f"weights manifest {source} is malformed:\n{exc}") from exc
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def get(self, name: str) -> ManifestEntry:
+        for entry in self.entries:
+            if entry.name == name:
+                return entry
+        where = f" ({self.source})" if self.source else ""
+        raise UnknownModelError(
+            f"no component named {name!r} in the weights manifest{where}; "
+            f"known: {', '.join(self.names()) or '(none)'}"
+        )
+
+
+# ------------------------------------------------------------------------------ presence, hashes
+
+
+def missing_files(entry: ManifestEntry, weights_dir: Path | str | None = None) -> list[str]:
+    folder = entry.folder(weights_dir)
+    return [f.path for f in entry.files if not (folder / f.path).is_file()]
+
+
+def require(
+    entry_name: str,
+    weights_dir: Path | str | None = None,
+    manifest: Manifest | None = None,
+) -> Path:
+    """The component's folder, or WeightsMissingError naming the files and the fetch command."""
+    entry = (manifest or Manifest.load()).get(entry_name)
+    missing = missing_files(entry, weights_dir)
+    if missing:
+        raise WeightsMissingError(entry_name, missing)
+    return entry.folder(weights_dir)
+
+
+def sha256_file(path: Path | str, progress: bool = False) -> str:
+    """Hex sha256 of a file, read in 1-MiB chunks so multi-GB weights never sit in memory."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as handle, _hash_progress(path, progress) as bar:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def _hash_progress(path: Path, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=path.stat().st_size,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"sha256 {path.name}",
+        disable=not enabled,
+        leave=False,
+    )
+
+
+def human_size(size: int | None) -> str:
+    if size is None:
+        return "?"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+# ------------------------------------------------------------------------------------ lock file
+
+
+def lock_path(folder: Path) -> Path:
+    return folder / LOCK_FILE_NAME
+
+
+def read_lock(folder: Path) -> dict[str, dict[str, Any]]:
+    """Recorded file hashes of a component folder, keyed by relative path ({} when none)."""
+    path = lock_path(folder)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RefgenError(f"lock file {path} is corrupt ({exc}); delete it and fetch again") from exc
+    files = data.get("files", {}) if isinstance(data, dict) else {}
+    return files if isinstance(files, dict) else {}
+
+
+def _record_in_lock(folder: Path, records: dict[str, dict[str, Any]]) -> None:
+    """Merge records into the lock file; shared folders (sdxl-base, sdxl-base-config) keep both."""
+    files = {**read_lock(folder), **records}
+    payload = json.dumps({"version": 1, "files": dict(sorted(files.items()))}, indent=2) + "\n"
+    _write_atomically(lock_path(folder), payload)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------ hub boundary
+
+
+def hub_download(repo: str, filename: str, revision: str, dest_dir: Path, *, progress: bool = True) -> Path:
+    """Download one file with huggingface_hub into dest_dir/filename (its own progress bar)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        downloaded = hf_hub_download(
+            repo_id=repo,
+            filename=filename,
+            revision=revision,
+            local_dir=dest_dir,
+            tqdm_class=None if progress else _quiet_tqdm_class(),
+        )
+    except Exception as exc:  # network boundary: turn hub/HTTP errors into one actionable message
+        raise RefgenError(f"could not download {filename} from {repo}@{revision}: {exc}") from exc
+    return Path(downloaded)
+
+
+def hub_sha256(repo: str, filename: str, revision: str) -> str | None:
+    """The hub's sha256 of a file: the etag of an LFS file is its sha256; a small git file's etag
+    is a git blob sha1, which says nothing about sha256, so those get None."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    try:
+        metadata = get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision))
+    except Exception as exc:  # network boundary, as in hub_download
+        raise RefgenError(f"could not read hub metadata of {filename} in {repo}@{revision}: {exc}") from exc
+    etag = (metadata.etag or "").strip('"').lower()
+    return etag if _SHA256_HEX.match(etag) else None
+
+
+def _quiet_tqdm_class() -> type:
+    from tqdm.auto import tqdm
+
+    class QuietTqdm(tqdm):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return QuietTqdm
+
+
+# ------------------------------------------------------------------------------------- fetch
+
+
+def license_notice(entry: ManifestEntry) -> str:
+    url = f" {entry.license_url}" if entry.license_url else ""
+    return (
+        f"{entry.name}: {entry.repo}@{entry.revision} is licensed under {entry.license_label}.{url}\n"
+        f"  Downloading it means you accept that license's terms."
+    )
+
+
+def fetch(
+    entry: ManifestEntry,
+    weights_dir: Path | str | None = None,
+    download: Downloader | None = None,
+    progress: bool = True,
+    expected_hash: HashLookup | None = None,
+) -> Path:
+    """Download the entry's missing files, check each sha256, move it into place, record the lock.
+
+    `download` and `expected_hash` default to the Hugging Face hub; tests pass a local source.
+    """
+    download = download or functools.partial(hub_download, progress=progress)
+    expected_hash = expected_hash or hub_sha256
+    folder = entry.folder(weights_dir)
+    print(license_notice(entry))
+    missing = set(missing_files(entry, weights_dir))
+    todo = [f for f in entry.files if f.path in missing]
+    if not todo:
+        print(f"{entry.name}: all {len(entry.files)} files already in {folder}")
+        return folder
+    staging = folder / STAGING_DIR_NAME
+    for weight_file in todo:
+        record = _fetch_one(entry, weight_file, folder, staging, download, expected_hash, progress)
+        # Recorded per file, so an interrupted fetch still remembers what it verified.
+        _record_in_lock(folder, {weight_file.path: record})
+        print(_summary_line(weight_file.path, record))
+    shutil.rmtree(staging, ignore_errors=True)
+    print(f"{entry.name}: {len(todo)} file(s) fetched into {folder}")
+    return folder
+
+
+def _fetch_one(
+    entry: ManifestEntry,
+    weight_file: WeightFile,
+    folder: Path,
+    staging: Path,
+    download: Downloader,
+    expected_hash: HashLookup,
+    progress: bool,
+) -> dict[str, Any]:
+    expected, source = _expected_sha256(entry, weight_file, expected_hash)
+    staged = _download_into(staging, entry, weight_file, download)
+    try:
+        actual = sha256_file(staged, progress=progress)
+        _check_integrity(entry, weight_file, expected, actual, staged.stat().st_size)
+    except BaseException:
+        # A bad (or half-hashed) file must not survive anywhere, under the final name or the temp one.
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    final = folder / weight_file.path
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, final)
+    return {
+        "sha256": actual,
+        "size": final.stat().st_size,
+        "verified_against": source,
+        "entry": entry.name,
+        "repo": entry.repo,
+        "revision": entry.revision,
+        "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _expected_sha256(
+    entry: ManifestEntry, weight_file: WeightFile, expected_hash: HashLookup
+) -> tuple[str | None, str]:
+    """(expected hash, where it came from): the manifest first, else the hub, else nothing."""
+    if weight_file.sha256:
+        return weight_file.sha256, "manifest"
+    from_hub = expected_hash(entry.repo, weight_file.path, entry.revision)
+    return (from_hub.lower(), "hub") if from_hub else (None, "none")
+
+
+def _download_into(staging: Path, entry: ManifestEntry, weight_file: WeightFile, download: Downloader) -> Path:
+    staging.mkdir(parents=True, exist_ok=True)
+    returned = Path(download(entry.repo, weight_file.path, entry.revision, staging))
+    staged = staging / weight_file.path
+    if returned.resolve() != staged.resolve():
+        # A source that left the file elsewhere: copy it next to the final place so the move is atomic.
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(returned, staged)
+    return staged
+
+
+def _check_integrity(
+    entry: ManifestEntry, weight_file: WeightFile, expected: str | None, actual: str, size: int
+) -> None:
+    where = f"{weight_file.path} of '{entry.name}' ({entry.repo}@{entry.revision})"
+    if expected is not None and actual != expected:
+        raise WeightsIntegrityError(
+            f"sha256 mismatch for {where}: expected {expected}, got {actual}. "
+            "The download was discarded; fetch again, and if it persists the upstream file changed."
+        )
+    if weight_file.size is not None and size != weight_file.size:
+        raise WeightsIntegrityError(
+            f"size mismatch for {where}: expected {weight_file.size} bytes, got {size} "
+            f"(sha256 {actual}). The download was discarded."
+        )
+
+
+def _summary_line(path: str, record: dict[str, Any]) -> str:
+    checked = {"manifest": "matches manifest", "hub": "matches hub", "none": "no published hash"}
+    return (
+        f"  {path}  {human_size(record['size'])}  sha256 {record['sha256'][:16]}  "
+        f"({checked.get(record['verified_against'], record['verified_against'])})"
+    )
+
+
+# ------------------------------------------------------------------------------------ verify
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    path: str
+    status: CheckStatus
+    expected: str | None
+    actual: str | None
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("missing", "mismatch")
+
+
+def verify(entry: ManifestEntry, weights_dir: Path | str | None = None, progress: bool = False) -> list[FileCheck]:
+    """Hash every file of the entry against the manifest sha256, else the lock file's record."""
+    folder = entry.folder(weights_dir)
+    lock = read_lock(folder)
+    return [_check_file(folder, f, lock.get(f.path, {}), progress) for f in entry.files]
+
+
+def _check_file(folder: Path, weight_file: WeightFile, locked: dict[str, Any], progress: bool) -> FileCheck:
+    expected = weight_file.sha256 or locked.get("sha256")
+    path = folder / weight_file.path
+    if not path.is_file():
+        return FileCheck(weight_file.path, "missing", expected, None)
+    actual = sha256_file(path, progress=progress)
+    if expected is None:
+        return FileCheck(weight_file.path, "unverified", None, actual)
+    size_ok = weight_file.size is None or path.stat().st_size == weight_file.size
+    status: CheckStatus = "ok" if actual == expected and size_ok else "mismatch"
+    return FileCheck(weight_file.path, status, expected, actual)
