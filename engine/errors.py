@@ -13,7 +13,8 @@ class WeightsMissingError(RefgenError):
     def __init__(self, entry: str, missing: list[str] | None = None, hint: str = ""):
         self.entry = entry
         self.missing = list(missing or [])
-        what = f" (missing: {', '.join(self.missing)})" if self.missing else ""
+        shown = ", ".join(self.missing[:4]) + (f" and {len(self.missing) - 4} more" if len(self.missing) > 4 else "")
+        what = f" (missing: {shown})" if self.missing else ""
         message = (
             f"weights '{entry}' are not on disk{what}. Fetch them with: refgen weights fetch {entry}"
             " -- or, with no network, run a smoke test on the built-in random-weight model: --model tiny"

@@ -7,6 +7,7 @@ local diffusers folder, a Hugging Face repo id already in the local cache, or a 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -103,8 +104,10 @@ def _hf_cache_snapshot(reference: str) -> Optional[Path]:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    # huggingface_hub reads HF_HUB_CACHE once at import; honour a value set later, too.
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None
     try:
-        folder = Path(snapshot_download(reference, local_files_only=True))
+        folder = Path(snapshot_download(reference, local_files_only=True, cache_dir=cache_dir))
     except (LocalEntryNotFoundError, ValueError, OSError):
         return None
     return folder if (folder / "model_index.json").exists() else None

@@ -2,7 +2,8 @@
 
 REFGEN_HOME      user data: presets, characters, outputs, caches  (default ~/.local/share/refgen)
 REFGEN_WEIGHTS   downloaded weights                                (default <checkout>/weights, else REFGEN_HOME/weights)
-REFGEN_MANIFEST  the weights manifest                              (default <checkout>/weights/manifest.toml)
+REFGEN_MANIFEST  the weights manifest                              (default <checkout>/weights/manifest.toml,
+                                                                   else the copy packaged with refgen)
 """
 
 from __future__ import annotations
@@ -42,4 +43,8 @@ def manifest_path() -> Path:
     explicit = os.environ.get("REFGEN_MANIFEST")
     if explicit:
         return Path(explicit).expanduser()
-    return _CHECKOUT / "weights" / "manifest.toml"
+    checkout = _CHECKOUT / "weights" / "manifest.toml"
+    if checkout.exists():
+        return checkout
+    # Installed from a wheel: engine/data/manifest.toml (a symlink to weights/manifest.toml in the repo).
+    return Path(__file__).resolve().parent / "data" / "manifest.toml"

@@ -1,0 +1,175 @@
+"""The `refgen` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .cli_weights import _fail, _refgen_errors, weights_app
+
+app = typer.Typer(help="refgen: local SDXL image generation with references, reproducible to the bit.", no_args_is_help=True)
+presets_app = typer.Typer(help="Built-in and user presets.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+app.add_typer(presets_app, name="presets")
+
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="Manifest name, diffusers folder, cached repo id, .safetensors file, or 'tiny'.")]
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:1, cpu (default: cuda if available).")]
+DtypeOption = Annotated[Optional[str], typer.Option("--dtype", help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU).")]
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs.", file_okay=False)]
+
+
+def _load_engine(model: str, device, dtype, allow_pickle=False, offload=False, compile=False, vae_tiling=False, attention="auto"):
+    from . import Engine
+
+    console = Console(stderr=True)
+    with console.status(f"loading {model} ..."):
+        return Engine.load(model, device, dtype, allow_pickle=allow_pickle, offload=offload, compile=compile,
+                           vae_tiling=vae_tiling, attention=attention)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True), transient=False,
+    )
+
+
+def _step_reporter(progress: Progress):
+    tasks: dict[str, int] = {}
+
+    def on_step(info) -> None:
+        if info.phase not in tasks:
+            tasks[info.phase] = progress.add_task(f"{info.phase:>6}", total=info.total)
+        progress.update(tasks[info.phase], completed=info.step + 1)
+
+    return on_step
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "request"
+        parts.append(f"{field}: {error['msg']}")
+    return "invalid request -- " + "; ".join(parts)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    negative: Annotated[Optional[str], typer.Option("--negative", "-n", help="Negative prompt.")] = None,
+    aspect: Annotated[Optional[str], typer.Option("--aspect", "-a", help="Aspect ratio, e.g. 16:9 (model-optimal size).")] = None,
+    width: Annotated[Optional[int], typer.Option("--width", "-W")] = None,
+    height: Annotated[Optional[int], typer.Option("--height", "-H")] = None,
+    count: Annotated[int, typer.Option("--n", "--count", help="Images (1-8); image i uses seed+i.")] = 1,
+    seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Seed (random when omitted; always recorded).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", "-g", help="CFG scale 1-20.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="e.g. dpmpp_2m_karras, euler_a, EULER_DISCRETE.")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="fast, or quality (more steps + refine pass).")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="See `refgen presets list`.")] = None,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Init image for img2img.", dir_okay=False)] = None,
+    init_strength: Annotated[Optional[float], typer.Option("--init-strength", help="0.1-0.9; higher = closer to the init image.")] = None,
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file, optionally :weight (repeatable).")] = None,
+    model: ModelOption = "sdxl-base",
+    out: OutOption = Path("out"),
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle checkpoints (.ckpt/.bin): trusted files only.")] = False,
+    offload: Annotated[bool, typer.Option("--offload", help="Model CPU offload for small GPUs.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (slow first image).")] = False,
+    vae_tiling: Annotated[bool, typer.Option("--vae-tiling", help="Tiled VAE for large images on small GPUs.")] = False,
+) -> None:
+    """Generate images and write them as PNGs with replayable provenance."""
+    from . import GenerationRequest
+
+    with _refgen_errors():
+        try:
+            request = GenerationRequest(
+                prompt=prompt, negative_prompt=negative, aspect_ratio=aspect, width=width, height=height,
+                num_images=count, seed=seed, steps=steps, guidance_scale=guidance, scheduler=scheduler, mode=mode,
+                preset=preset, init_image=init, init_strength=init_strength, loras=lora or [],
+            )
+        except ValidationError as exc:
+            _fail(_validation_message(exc))
+        engine = _load_engine(model, device, dtype, allow_pickle, offload, compile, vae_tiling)
+        with _progress() as progress:
+            result = engine.generate(request, on_step=_step_reporter(progress))
+        for path, seed_used in zip(result.save(out), result.seeds):
+            typer.echo(f"{path}  (seed {seed_used})")
+
+
+@app.command()
+def replay(
+    image: Annotated[Path, typer.Argument(help="A PNG written by refgen.", exists=True, dir_okay=False)],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to use (default: the one recorded).")] = None,
+    init: Annotated[Optional[Path], typer.Option("--init", help="The init image, if it has moved.")] = None,
+    out: OutOption = Path("out"),
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+) -> None:
+    """Regenerate an image from its metadata and say whether the pixels are identical."""
+    import numpy as np
+    from PIL import Image
+
+    from .provenance import read_metadata
+
+    with _refgen_errors():
+        meta = read_metadata(image)
+        recorded = meta["device"]
+        engine = _load_engine(model or meta["model"]["reference"], device or None, dtype or recorded["dtype"])
+        result = engine.replay(image, init_image=init)
+        (path,) = result.save(out, stem=f"replay-{image.stem}")
+        with Image.open(image) as original:
+            before = np.asarray(original.convert("RGB"), dtype=np.int16)
+        after = np.asarray(result.images[0], dtype=np.int16)
+        typer.echo(str(path))
+        if before.shape == after.shape and (before == after).all():
+            typer.echo("pixels identical to the original")
+        else:
+            difference = "size differs" if before.shape != after.shape else f"max difference {np.abs(before - after).max()}/255"
+            typer.echo(f"pixels differ from the original ({difference}); recorded device {recorded['name']} {recorded['dtype']}")
+            raise typer.Exit(code=2)
+
+
+@presets_app.command("list")
+def list_presets() -> None:
+    """Every preset (user presets override built-in ones of the same name)."""
+    from . import paths
+    from .presets import all_presets, builtin_presets
+
+    with _refgen_errors():
+        builtin = builtin_presets()
+        table = Table("name", "source", "description", "steps", "guidance", "scheduler", "mode")
+        for name, preset in sorted(all_presets().items()):
+            source = "built-in" if builtin.get(name) == preset else "user"
+            table.add_row(name, source, preset.description, _text(preset.steps), _text(preset.guidance_scale),
+                          _text(preset.scheduler), _text(preset.mode))
+        Console().print(table)
+        Console().print(f"user presets folder: {paths.presets_dir()}")
+
+
+@presets_app.command("show")
+def show_preset(name: str) -> None:
+    """A preset's fields, and what it does to an example prompt."""
+    from .presets import get_preset
+
+    with _refgen_errors():
+        preset = get_preset(name)
+        for key, value in preset.model_dump(exclude_none=True).items():
+            typer.echo(f"{key}: {value}")
+        typer.echo(f"example: {preset.compose_prompt('a red fox')}")
+
+
+def _text(value) -> str:
+    return "" if value is None else escape(str(value))
+
+
+if __name__ == "__main__":
+    app()
