@@ -117,7 +117,7 @@ class Engine:
 
         attention: auto | sdpa | xformers. compile: torch.compile the UNet (slow first call).
         offload: keep weights on the CPU and move each model to the GPU only while it runs (small GPUs).
-        vae_tiling: decode/encode in tiles (large images on small GPUs).
+        vae_tiling: VAE in tiles and one image at a time (large images or batches on small GPUs).
         """
         device, dtype = pick_device(device, dtype)
         pipe, info = load_pipeline(str(model), dtype, allow_pickle, single_file_config)
@@ -130,8 +130,9 @@ class Engine:
         else:
             pipe.to(device)
         _configure_attention(pipe, attention, device)
-        if vae_tiling:
+        if vae_tiling:  # large images / small GPUs: tiles, and one image of the batch at a time
             pipe.vae.enable_tiling()
+            pipe.vae.enable_slicing()
         if compile:
             pipe.unet.compile(mode="max-autotune-no-cudagraphs")
         pipe.set_progress_bar_config(disable=True)
@@ -201,7 +202,7 @@ class Engine:
             latents = initial_noise(shape, generators, self.device, self.dtype) * scheduler.init_noise_sigma
         else:
             pixels = init_pixels.expand(batch, -1, -1, -1) if init_pixels.shape[0] == 1 else init_pixels
-            clean = vae_ops.encode(self.pipe.vae, pixels, generators, self.dtype)
+            clean = vae_ops.encode(self.pipe.vae, pixels, generators, self.device, self.dtype)
             noise = initial_noise(clean.shape, generators, self.device, self.dtype)
             latents = scheduler.add_noise(clean, noise, timesteps[:1].repeat(batch))
         callback = None if on_step is None else (lambda info: on_step(replace(info, phase=phase)))

@@ -2,6 +2,12 @@
 
 Each file is loaded once as a named adapter (named by its hash) and kept; a request only
 switches which adapters are active and with what weight.
+
+diffusers does not refuse a LoRA made for another model on its own: keys that belong to no
+component are skipped with a log line, keys for layers the model lacks are dropped when some
+others match, and a file that fails half-way (UNet loaded, text encoder refused) leaves its UNet
+half installed and switched on. So after each load the adapter's layers are counted against the
+file's, and whatever a failed load left behind is deleted.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from .hashing import cached_sha256
 from .loading import check_pickle
 from .request import LoraSpec
 
+_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
 
 class LoraError(RefgenError):
     """A LoRA file that is missing or does not fit the model."""
@@ -23,21 +31,28 @@ class LoraSet:
         self._pipe = pipe
         self._allow_pickle = allow_pickle
         self._adapters: dict[str, str] = {}  # sha256 -> adapter name
-        self._active = False
+        self._active = False  # may any adapter be switched on? (diffusers switches on what it loads)
 
     def activate(self, specs: list[LoraSpec]) -> list[dict]:
         """Make exactly `specs` active; returns their identities for provenance."""
         if not specs:
-            if self._active:
-                self._pipe.disable_lora()
-                self._active = False
+            self._deactivate()
             return []
         identities = [self._identity(spec) for spec in specs]
-        names = [self._ensure_loaded(spec, ident["sha256"]) for spec, ident in zip(specs, identities)]
+        try:
+            names = [self._ensure_loaded(spec, ident["sha256"]) for spec, ident in zip(specs, identities)]
+        except BaseException:
+            self._deactivate()  # a LoRA loaded before the failing one must not stay on
+            raise
         self._pipe.enable_lora()
         self._pipe.set_adapters(names, adapter_weights=[spec.weight for spec in specs])
         self._active = True
         return identities
+
+    def _deactivate(self) -> None:
+        if self._active:
+            self._pipe.disable_lora()
+            self._active = False
 
     def _identity(self, spec: LoraSpec) -> dict:
         path = Path(spec.path).expanduser()
@@ -49,9 +64,72 @@ class LoraSet:
     def _ensure_loaded(self, spec: LoraSpec, sha256: str) -> str:
         if sha256 not in self._adapters:
             name = f"lora_{sha256[:12]}"
+            path = Path(spec.path).expanduser()
+            self._active = True  # from here on, layers of this adapter may be installed and on
             try:
-                self._pipe.load_lora_weights(str(Path(spec.path).expanduser()), adapter_name=name)
-            except (ValueError, KeyError, RuntimeError) as exc:
-                raise LoraError(f"LoRA {spec.path} does not fit this model: {exc}") from exc
+                self._pipe.load_lora_weights(str(path), adapter_name=name)
+                self._check_applied(path, name)
+            except LoraError:
+                self._discard(name)
+                raise
+            except (ValueError, KeyError, RuntimeError, TypeError, OSError) as exc:
+                self._discard(name)
+                raise LoraError(f"LoRA {path} does not fit this model (is it an SDXL LoRA?): {exc}") from exc
             self._adapters[sha256] = name
         return self._adapters[sha256]
+
+    def _check_applied(self, path: Path, name: str) -> None:
+        """Every LoRA layer of the file must have landed on a layer of the model."""
+        applied = self._installed_layers(name)
+        in_file = _lora_layers_in_file(path)
+        if applied == 0:
+            raise LoraError(
+                f"LoRA {path} matches no layer of this model: it was made for another architecture "
+                "(SD 1.5, SD 3, Flux, ...), not SDXL"
+            )
+        if in_file is not None and applied < in_file:
+            raise LoraError(
+                f"LoRA {path} has {in_file} layers but only {applied} exist in this model: "
+                "it was made for another model or variant"
+            )
+
+    def _installed_layers(self, name: str) -> int:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        count = 0
+        for component in _COMPONENTS:
+            model = getattr(self._pipe, component, None)
+            if model is None:
+                continue
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer) and any(
+                    name in getattr(module, attr, {}) for attr in module.adapter_layer_names
+                ):
+                    count += 1
+        return count
+
+    def _discard(self, name: str) -> None:
+        """Delete whatever a failed load installed under `name` (diffusers keeps loaded halves)."""
+        try:
+            self._pipe.delete_adapters(name)
+        except (ValueError, KeyError, AttributeError):
+            pass
+
+
+def _lora_layers_in_file(path: Path):
+    """How many LoRA layers (down/A projections) a file holds; None when the layout is not a plain LoRA."""
+    keys = _keys(path)
+    count = sum(1 for key in keys if key.endswith(("lora_A.weight", "lora_down.weight", "lora.down.weight", "lora_linear_layer.down.weight")))
+    return count or None
+
+
+def _keys(path: Path) -> list[str]:
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as file:
+            return list(file.keys())
+    import torch
+
+    state = torch.load(str(path), map_location="cpu", weights_only=True)  # only reached with allow_pickle
+    return list(state.keys()) if isinstance(state, dict) else []

@@ -8,6 +8,8 @@ folder and loads it back through the loaders used for real weights.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -168,10 +170,16 @@ def build_tiny_pipeline(seed: int = 0):
 def save_tiny_model(folder: Path, seed: int = 0) -> Path:
     """Write the tiny model in diffusers layout (safetensors), atomically as a whole folder."""
     folder = Path(folder)
-    staging = folder.with_name(folder.name + ".partial")
+    staging = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # left over by a crash
     build_tiny_pipeline(seed).save_pretrained(staging, safe_serialization=True)
     (staging / "refgen_tiny.json").write_text(json.dumps({"seed": seed, "notice": TINY_NOTICE}))
-    staging.rename(folder)
+    try:
+        staging.rename(folder)
+    except OSError:
+        if not (folder / "model_index.json").exists():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # another process built it first
     return folder
 
 

@@ -40,9 +40,12 @@ def _run_in(vae, dtype, fn):
         vae.to(dtype=original)
 
 
-def encode(vae, pixels: torch.Tensor, generators: list[torch.Generator], dtype) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> scaled latents; image i's latent sample uses generator i."""
-    device = next(vae.parameters()).device
+def encode(vae, pixels: torch.Tensor, generators: list[torch.Generator], device, dtype) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> scaled latents; image i's latent sample uses generator i.
+
+    `device` is the execution device: with model offload the VAE's weights sit on the CPU until
+    its hook moves them, so the weights' device is not where the work happens.
+    """
     work_dtype = torch.float32 if _needs_upcast(vae) else vae.dtype
 
     def run():

@@ -14,13 +14,11 @@ the manifest has no hash.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from engine import paths
 from engine.errors import RefgenError, UnknownModelError, WeightsIntegrityError, WeightsMissingError
+from engine.hashing import sha256_file
+from engine.images import write_atomic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,7 +41,6 @@ LOCK_FILE_NAME = ".refgen-lock.json"
 # Downloads land here first: inside the component folder, so the final os.replace stays on one
 # filesystem (atomic), and at a fixed name, so huggingface_hub can resume an interrupted download.
 STAGING_DIR_NAME = ".refgen-download"
-HASH_CHUNK_BYTES = 1024 * 1024
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 # (repo, filename, revision, dest_dir) -> path of the downloaded file (expected under dest_dir)
@@ -201,31 +200,6 @@ def require(
     return entry.folder(weights_dir)
 
 
-def sha256_file(path: Path | str, progress: bool = False) -> str:
-    """Hex sha256 of a file, read in 1-MiB chunks so multi-GB weights never sit in memory."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    with path.open("rb") as handle, _hash_progress(path, progress) as bar:
-        while chunk := handle.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    return digest.hexdigest()
-
-
-def _hash_progress(path: Path, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=path.stat().st_size,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=f"sha256 {path.name}",
-        disable=not enabled,
-        leave=False,
-    )
-
-
 def human_size(size: int | None) -> str:
     if size is None:
         return "?"
@@ -259,21 +233,7 @@ def _record_in_lock(folder: Path, records: dict[str, dict[str, Any]]) -> None:
     """Merge records into the lock file; shared folders (sdxl-base, sdxl-base-config) keep both."""
     files = {**read_lock(folder), **records}
     payload = json.dumps({"version": 1, "files": dict(sorted(files.items()))}, indent=2) + "\n"
-    _write_atomically(lock_path(folder), payload)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    write_atomic(lock_path(folder), payload.encode("utf-8"))
 
 
 # ------------------------------------------------------------------------------ hub boundary
