@@ -44,8 +44,13 @@ class LoraSet:
         except BaseException:
             self._deactivate()  # a LoRA loaded before the failing one must not stay on
             raise
+        # The same file twice (by content) is one adapter at the summed weight: that is what applying
+        # it twice means, and set_adapters given a name twice does not do it.
+        weights: dict[str, float] = {}
+        for name, spec in zip(names, specs):
+            weights[name] = weights.get(name, 0.0) + spec.weight
         self._pipe.enable_lora()
-        self._pipe.set_adapters(names, adapter_weights=[spec.weight for spec in specs])
+        self._pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
         self._active = True
         return identities
 
