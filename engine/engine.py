@@ -19,7 +19,7 @@ from .hashing import sha256_file
 from .images import load_rgb
 from .loading import ModelInfo, fp16_safe_vae, load_pipeline
 from .lora import LoraSet
-from .provenance import build_metadata, read_metadata, save_png
+from .provenance import build_metadata, package_versions, read_metadata, save_png
 from .request import GenerationRequest, ResolvedRequest, resolve
 from .sampling import StepCallback, StepInfo, denoise, initial_noise, schedule
 from .schedulers import SCHEDULERS, build_scheduler
@@ -181,11 +181,13 @@ class Engine:
         if resolved.refine_scale != 1.0:
             pixels = self._refine(cond, resolved, generators, pixels, job.on_step)
         size = (pixels.shape[2], pixels.shape[1])
+        versions = package_versions()  # once per request: importlib.metadata lookups are not free
         metadata = [
             build_metadata(
                 request=job.request, resolved=resolved.model_dump(mode="json"), index=index, size=size,
                 model=self._model_record(), loras=lora_identities, init_image=job.init_info,
                 scheduler=self._scheduler_record(resolved.scheduler), device=self._device_record(),
+                versions=versions,
             )
             for index in range(len(resolved.seeds))
         ]

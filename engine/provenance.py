@@ -72,6 +72,7 @@ def build_metadata(
     init_image: Optional[dict],
     scheduler: dict,
     device: dict,
+    versions: dict,
 ) -> dict:
     """One image's provenance record. Everything replay needs is in `resolved`, `model` and `init_image`."""
     return {
@@ -84,7 +85,7 @@ def build_metadata(
         "init_image": init_image,
         "scheduler": scheduler,
         "device": device,
-        "versions": package_versions(),
+        "versions": versions,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -118,7 +118,7 @@ SDXL_TEXT_ENCODER_2_CONFIG = {
     "projection_dim": 1280,
 }
 
-# scheduler/scheduler_config.json (EulerDiscreteScheduler); the same as engine/tiny.py's.
+# scheduler/scheduler_config.json (EulerDiscreteScheduler); the tiny model samples with it too.
 SDXL_SCHEDULER_CONFIG = {
     "beta_start": 0.00085,
     "beta_end": 0.012,

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .sdxl_configs import SDXL_SCHEDULER_CONFIG
+
 TINY_NOTICE = "the 'tiny' model has random weights: it makes noise, not pictures (smoke runs only)"
 
 # Consistency rules of SDXL (see TESTBED.md): cross_attention_dim = hidden(te1) + hidden(te2);
@@ -21,23 +23,6 @@ TINY_NOTICE = "the 'tiny' model has random weights: it makes noise, not pictures
 # The two text encoders have different widths, as in SDXL (768 vs 1280): diffusers' single-file
 # loader tells them apart by width.
 _TE1_HIDDEN, _TE2_HIDDEN, _TE2_PROJECTION, _TIME_EMBED = 32, 48, 32, 8
-
-_SCHEDULER_CONFIG = {
-    # SDXL base 1.0's scheduler/scheduler_config.json, so the tiny model samples like the real one.
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "interpolation_type": "linear",
-    "prediction_type": "epsilon",
-    "use_karras_sigmas": False,
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "clip_sample": False,
-}
 
 
 def tiny_unet_config(in_channels: int = 4) -> dict:
@@ -163,7 +148,7 @@ def build_tiny_pipeline(seed: int = 0):
         text_encoder_2=te2,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
-        scheduler=EulerDiscreteScheduler.from_config(_SCHEDULER_CONFIG),
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)  # samples like the real model,
     )
 
 

@@ -140,13 +140,13 @@ def test_leonardo_scheduler_names_are_accepted(name, ours):
 
 
 def test_every_scheduler_builds_from_the_sdxl_config():
-    from engine.tiny import _SCHEDULER_CONFIG
+    from engine.sdxl_configs import SDXL_SCHEDULER_CONFIG
 
     for name, spec in SCHEDULERS.items():
-        scheduler = build_scheduler(name, _SCHEDULER_CONFIG)
+        scheduler = build_scheduler(name, SDXL_SCHEDULER_CONFIG)
         assert type(scheduler).__name__ == spec.class_name
         assert scheduler.config.beta_schedule == "scaled_linear"
-    assert build_scheduler("dpmpp_2m_karras", _SCHEDULER_CONFIG).config.use_karras_sigmas is True
+    assert build_scheduler("dpmpp_2m_karras", SDXL_SCHEDULER_CONFIG).config.use_karras_sigmas is True
 
 
 def test_lora_specs_parse_path_and_weight():
