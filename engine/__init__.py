@@ -1,19 +1,30 @@
-"""refgen's engine: `from engine import Engine, GenerationRequest`."""
+"""refgen's engine: `from engine import Engine, GenerationRequest`.
 
-from .engine import Engine, GenerationResult
-from .errors import (
-    GenerationCancelled,
-    InvalidImageError,
-    NonFiniteOutputError,
-    RefgenError,
-    UnsafeWeightsError,
-    WeightsMissingError,
-)
-from .request import GenerationRequest, LoraSpec
-from .sampling import StepInfo
+Names are resolved on first use, so that importing a leaf module (engine.errors, engine.weights)
+from an adapter does not pull in the whole engine, and adapters can depend on engine modules
+while the engine depends on adapters.
+"""
 
-__all__ = [
-    "Engine", "GenerationRequest", "GenerationResult", "LoraSpec", "StepInfo",
-    "RefgenError", "WeightsMissingError", "UnsafeWeightsError", "InvalidImageError",
-    "GenerationCancelled", "NonFiniteOutputError",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "Engine": "engine.engine",
+    "GenerationResult": "engine.engine",
+    "GenerationRequest": "engine.request",
+    "LoraSpec": "engine.request",
+    "StepInfo": "engine.sampling",
+    "RefgenError": "engine.errors",
+    "WeightsMissingError": "engine.errors",
+    "UnsafeWeightsError": "engine.errors",
+    "InvalidImageError": "engine.errors",
+    "GenerationCancelled": "engine.errors",
+    "NonFiniteOutputError": "engine.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

@@ -12,10 +12,13 @@ class Contribution(Protocol):
     """An adapter's share of the UNet call (ControlNet residuals, IP-Adapter embeddings, ...).
 
     The loop asks each contribution for extra UNet keyword arguments at every step and never
-    needs to know which adapter it is. `added_cond_kwargs` entries are merged; other keys are set.
+    needs to know which adapter it is. How contributions combine: `added_cond_kwargs` entries
+    are merged, ControlNet-style residuals are summed, other keys are set.
     """
 
-    def unet_kwargs(self, latent_input: torch.Tensor, timestep: torch.Tensor, step: int, total: int) -> dict: ...
+    def unet_kwargs(
+        self, latent_input: torch.Tensor, timestep: torch.Tensor, step: int, total: int, cond: "Conditioning"
+    ) -> dict: ...
 
 
 @dataclass(frozen=True)

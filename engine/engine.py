@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from adapters.controlnet import ControlNetLibrary, ControlUnit, build_guidance
+
 from . import vae as vae_ops
 from .conditioning import Conditioning, encode_text
 from .errors import ProvenanceError
@@ -84,6 +86,7 @@ class _Job:
     request: dict
     init_image: Optional[Image.Image] = None
     init_info: Optional[dict] = None
+    control_units: tuple[ControlUnit, ...] = ()  # with their prepared (preprocessed) control images
     on_step: Optional[StepCallback] = field(default=None, compare=False)
 
 
@@ -95,6 +98,7 @@ class Engine:
         self.model = model
         self.device = device
         self.dtype = dtype
+        self.controlnets = ControlNetLibrary(device, dtype)
         self._loras = LoraSet(pipe, allow_pickle)
         if model.notice:
             log.warning(model.notice)
@@ -148,7 +152,12 @@ class Engine:
         if request.init_image is not None:
             init_image = load_rgb(request.init_image, "init image")
         resolved = resolve(request, self.native_size, init_image.size if init_image else None)
-        return self._run(_Job(resolved, _request_record(request), init_image, _image_identity(request.init_image, init_image), on_step))
+        sources = [load_rgb(unit.image, f"control image {i + 1} ({unit.type})") for i, unit in enumerate(request.controlnets)]
+        records = [_control_record(unit, _image_identity(unit.image, image)) for unit, image in zip(request.controlnets, sources)]
+        resolved = resolved.model_copy(update={"controlnets": records})
+        units = self._prepare_controls(request.controlnets, sources)
+        init_info = _image_identity(request.init_image, init_image)
+        return self._run(_Job(resolved, _request_record(request), init_image, init_info, units, on_step))
 
     def replay(self, image_path: Union[str, Path], init_image: Optional[Union[str, Path]] = None) -> GenerationResult:
         """Regenerate a refgen PNG from its metadata (bit-identical on the same device and dtype).
@@ -159,9 +168,28 @@ class Engine:
         resolved = ResolvedRequest(**meta["resolved"])
         init, init_info = None, meta.get("init_image")
         if init_info is not None:
-            init, init_info = _replay_init_image(init_info, init_image)
-        result = self._run(_Job(resolved, meta["request"], init, init_info))
+            init, init_info = _replay_image(init_info, init_image, "init image")
+        units, sources = [], []
+        for index, record in enumerate(resolved.controlnets):
+            image, _ = _replay_image(record["image"], None, f"control image {index + 1}")
+            units.append(ControlUnit(**{**record, "image": image}))
+            sources.append(image)
+        prepared = self._prepare_controls(units, sources)
+        result = self._run(_Job(resolved, meta["request"], init, init_info, prepared))
         return result.pick(meta["image"]["index"])
+
+    def _prepare_controls(self, units, sources: list[Image.Image]) -> tuple[ControlUnit, ...]:
+        """Each unit with its control image: photos go through the type's preprocessor (cached)."""
+        return tuple(unit.model_copy(update={"image": self._control_image(unit, image)}) for unit, image in zip(units, sources))
+
+    def _control_image(self, unit: ControlUnit, image: Image.Image) -> Image.Image:
+        if unit.preprocess is False:
+            return image
+        from adapters import preprocess
+
+        if unit.preprocess == "auto" and preprocess.is_preprocessed(image, unit.type):
+            return image
+        return self.preprocessors.run(unit.type, image, **unit.options)
 
     # -- the path of one request -------------------------------------------------------------
 
@@ -172,6 +200,7 @@ class Engine:
             self.pipe, resolved.prompt, resolved.negative_prompt, len(resolved.seeds),
             resolved.width, resolved.height, resolved.guidance_scale, self.device,
         )
+        cond = self._with_controls(cond, job, resolved.width, resolved.height)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in resolved.seeds]
         init_pixels = None
         if job.init_image is not None:
@@ -179,7 +208,7 @@ class Engine:
         latents = self._sample(cond, resolved, generators, init_pixels, resolved.denoise, job.on_step, "base")
         pixels = vae_ops.decode(self.pipe.vae, latents)
         if resolved.refine_scale != 1.0:
-            pixels = self._refine(cond, resolved, generators, pixels, job.on_step)
+            pixels = self._refine(cond, job, generators, pixels)
         size = (pixels.shape[2], pixels.shape[1])
         versions = package_versions()  # once per request: importlib.metadata lookups are not free
         metadata = [
@@ -210,14 +239,22 @@ class Engine:
         callback = None if on_step is None else (lambda info: on_step(replace(info, phase=phase)))
         return denoise(self.pipe.unet, scheduler, latents, timesteps, cond, generators, callback)
 
-    def _refine(self, cond, resolved: ResolvedRequest, generators, pixels: np.ndarray, on_step) -> np.ndarray:
+    def _with_controls(self, cond: Conditioning, job: _Job, width: int, height: int) -> Conditioning:
+        """The conditioning with this request's adapter contributions at the given output size."""
+        units = list(job.control_units)
+        guidance = build_guidance(self.controlnets, units, [u.image for u in units], width, height, len(job.resolved.seeds), cond.guided)
+        return replace(cond, contributions=() if guidance is None else (guidance,))
+
+    def _refine(self, cond, job: _Job, generators, pixels: np.ndarray) -> np.ndarray:
         """Quality mode: upsample the image and denoise it lightly again, adding detail at the new size."""
+        resolved, on_step = job.resolved, job.on_step
         width, height = resolved.output_size
         upsampled = torch.nn.functional.interpolate(
             torch.from_numpy(pixels).permute(0, 3, 1, 2) * 2 - 1, size=(height, width), mode="bicubic", align_corners=False
         ).clamp(-1, 1)
         refine_request = resolved.model_copy(update={"width": width, "height": height})
-        latents = self._sample(cond.at_size(width, height), refine_request, generators, upsampled, resolved.refine_denoise, on_step, "refine")
+        refine_cond = self._with_controls(cond.at_size(width, height), job, width, height)
+        latents = self._sample(refine_cond, refine_request, generators, upsampled, resolved.refine_denoise, on_step, "refine")
         return vae_ops.decode(self.pipe.vae, latents)
 
     # -- provenance records ----------------------------------------------------------------
@@ -262,10 +299,19 @@ def _has_xformers() -> bool:
 
 
 def _request_record(request: GenerationRequest) -> dict:
-    record = request.model_dump(mode="json", exclude={"init_image"})
-    if request.init_image is not None:
-        record["init_image"] = str(request.init_image) if isinstance(request.init_image, (str, Path)) else "<in-memory image>"
+    """The request as given, JSON-safe: image inputs become their path (or a marker when in memory)."""
+    record = request.model_dump(mode="json", exclude={"init_image", "controlnets"})
+    record["init_image"] = _source_label(request.init_image)
+    record["controlnets"] = [
+        {**unit.model_dump(mode="json", exclude={"image"}), "image": _source_label(unit.image)} for unit in request.controlnets
+    ]
     return record
+
+
+def _source_label(source: Any) -> Optional[str]:
+    if source is None:
+        return None
+    return str(source) if isinstance(source, (str, Path)) else "<in-memory image>"
 
 
 def _image_identity(source: Any, image: Optional[Image.Image]) -> Optional[dict]:
@@ -279,17 +325,23 @@ def _image_identity(source: Any, image: Optional[Image.Image]) -> Optional[dict]
     return {"path": None, "sha256": hashlib.sha256(image.tobytes()).hexdigest(), "hash_of": "rgb pixels"}
 
 
-def _replay_init_image(info: dict, override: Optional[Union[str, Path]]) -> tuple[Image.Image, dict]:
+def _control_record(unit: ControlUnit, identity: dict) -> dict:
+    """A control unit as provenance: its settings and its image's identity (path + sha256)."""
+    return {**unit.model_dump(mode="json", exclude={"image"}), "image": identity}
+
+
+def _replay_image(info: dict, override: Optional[Union[str, Path]], what: str) -> tuple[Image.Image, dict]:
+    """An input image named in provenance, checked against its recorded hash."""
     path = Path(override) if override else (Path(info["path"]) if info.get("path") else None)
     if path is None or not path.is_file():
         raise ProvenanceError(
-            f"this image was made from an init image that is not available ({info.get('path') or 'in memory'}); "
-            "pass it with --init / init_image="
+            f"this image was made from a {what} that is not available ({info.get('path') or 'in memory'})"
+            + ("; pass it with --init / init_image=" if what == "init image" else "")
         )
     actual = sha256_file(path)
     if info.get("path") and actual != info["sha256"]:
-        raise ProvenanceError(f"init image {path} has changed since the image was made (sha256 {actual[:12]} != {info['sha256'][:12]})")
-    return load_rgb(path, "init image"), {**info, "path": str(path.resolve())}
+        raise ProvenanceError(f"{what} {path} has changed since the image was made (sha256 {actual[:12]} != {info['sha256'][:12]})")
+    return load_rgb(path, what), {**info, "path": str(path.resolve())}
 
 
 def _jsonable(value):

@@ -9,6 +9,8 @@ from typing import Any, Optional, Union
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from adapters.controlnet import ControlUnit
+
 from . import presets as preset_lib
 from . import schedulers
 from .presets import MODES, Mode, ModeSettings
@@ -62,6 +64,7 @@ class GenerationRequest(BaseModel):
     init_image: Optional[Union[str, Path, Image.Image]] = None
     init_strength: Optional[float] = Field(default=None, ge=0.1, le=0.9)
     loras: list[LoraSpec] = Field(default_factory=list, max_length=16)
+    controlnets: list[ControlUnit] = Field(default_factory=list, max_length=8)
 
     @field_validator("width", "height")
     @classmethod
@@ -129,6 +132,7 @@ class ResolvedRequest(BaseModel):
     refine_scale: float
     refine_denoise: float
     loras: list[LoraSpec]
+    controlnets: list[dict] = Field(default_factory=list)  # units with image identities, see Engine
 
     @property
     def denoise(self) -> float:

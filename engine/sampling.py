@@ -68,14 +68,31 @@ def predict_noise(unet, latents, timestep, cond: Conditioning, scheduler, step: 
         "added_cond_kwargs": {"text_embeds": cond.pooled_embeds, "time_ids": cond.time_ids},
     }
     for contribution in cond.contributions:
-        extra = contribution.unet_kwargs(latent_input, timestep, step, total)
-        kwargs["added_cond_kwargs"].update(extra.pop("added_cond_kwargs", {}))
-        kwargs.update(extra)
+        _merge(kwargs, contribution.unet_kwargs(latent_input, timestep, step, total, cond))
     noise = unet(latent_input, timestep, return_dict=False, **kwargs)[0]
     if not cond.guided:
         return noise
     unconditional, conditional = noise.chunk(2)
     return unconditional + cond.guidance_scale * (conditional - unconditional)
+
+
+_SUMMED = ("down_block_additional_residuals", "mid_block_additional_residual")
+
+
+def _merge(kwargs: dict, extra: dict) -> None:
+    """Fold one contribution into the UNet kwargs: residuals of several ControlNets add up."""
+    kwargs["added_cond_kwargs"].update(extra.pop("added_cond_kwargs", {}))
+    for key, value in extra.items():
+        if key in _SUMMED and key in kwargs:
+            kwargs[key] = _add(kwargs[key], value)
+        else:
+            kwargs[key] = value
+
+
+def _add(left, right):
+    if isinstance(left, (list, tuple)):
+        return [a + b for a, b in zip(left, right)]
+    return left + right
 
 
 def denoise(

@@ -1,0 +1,168 @@
+"""ControlNet units: parity with diffusers' SDXL ControlNet pipelines, and the unit semantics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adapters.controlnet import ControlError, ControlUnit, fit_image
+from conftest import generators
+from engine import Engine, GenerationRequest, WeightsMissingError
+from test_parity import TOLERANCE, _diffusers_scheduler, _init_image, _max_diff
+from tiny_controlnet import save_tiny_controlnet
+
+
+@pytest.fixture(scope="module")
+def controlnet_dirs(tiny_model_dir, tmp_path_factory):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_model_dir), subfolder="unet")
+    root = tmp_path_factory.mktemp("controlnets")
+    return {kind: save_tiny_controlnet(unet, root / kind, seed) for kind, seed in (("canny", 10), ("depth", 11))}
+
+
+@pytest.fixture(scope="module")
+def control_engine(tiny_model_dir, controlnet_dirs):
+    engine = Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32")
+    for kind, folder in controlnet_dirs.items():
+        engine.controlnets.register(kind, folder)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def loaded_controlnets(controlnet_dirs):
+    from diffusers import ControlNetModel
+
+    return {kind: ControlNetModel.from_pretrained(str(folder)) for kind, folder in controlnet_dirs.items()}
+
+
+def _control_map(width: int, height: int, seed: int) -> Image.Image:
+    """A canny-like map: thin white strokes on black."""
+    rng = np.random.default_rng(seed)
+    canvas = np.zeros((height, width, 3), np.uint8)
+    for _ in range(6):
+        if rng.random() < 0.5:
+            canvas[rng.integers(0, height), :, :] = 255
+        else:
+            canvas[:, rng.integers(0, width), :] = 255
+    return Image.fromarray(canvas)
+
+
+def _request(**fields) -> GenerationRequest:
+    base = dict(prompt="a robot in a field", width=64, height=64, steps=5, guidance_scale=5.0, scheduler="euler", seed=3)
+    return GenerationRequest(**{**base, **fields})
+
+
+def _unit(kind: str, image, **fields) -> ControlUnit:
+    return ControlUnit(type=kind, image=image, preprocess=False, **fields)
+
+
+@pytest.mark.parametrize("scheduler, batch, start, end, weight", [("euler", 2, 0.0, 1.0, 1.0), ("dpmpp_2m_karras", 1, 0.2, 0.8, 0.7)])
+def test_one_unit_matches_the_diffusers_controlnet_pipeline(control_engine, reference_pipe, loaded_controlnets, tiny_model_dir,
+                                                            scheduler, batch, start, end, weight):
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    control = _control_map(64, 64, 0)
+    ours = control_engine.generate(_request(scheduler=scheduler, num_images=batch,
+                                            controlnets=[_unit("canny", control, weight=weight, start=start, end=end)])).pixels
+    pipe = StableDiffusionXLControlNetPipeline(**reference_pipe.components, controlnet=loaded_controlnets["canny"])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = _diffusers_scheduler(scheduler, tiny_model_dir)
+    theirs = pipe(prompt="a robot in a field", image=control, width=64, height=64, num_inference_steps=5, guidance_scale=5.0,
+                  controlnet_conditioning_scale=weight, control_guidance_start=start, control_guidance_end=end,
+                  num_images_per_prompt=batch, generator=generators(3, batch), output_type="np").images
+    assert _max_diff(ours, theirs) <= TOLERANCE
+
+
+def test_several_units_match_diffusers_multi_controlnet(control_engine, reference_pipe, loaded_controlnets, tiny_model_dir):
+    from diffusers import StableDiffusionXLControlNetPipeline
+    from diffusers.models.controlnets import MultiControlNetModel
+
+    edges, depth = _control_map(64, 64, 1), _control_map(64, 64, 2).convert("L").convert("RGB")
+    units = [_unit("canny", edges, weight=0.8, start=0.0, end=0.6), _unit("depth", depth, weight=1.3, start=0.3, end=1.0)]
+    ours = control_engine.generate(_request(num_images=2, controlnets=units)).pixels
+
+    multi = MultiControlNetModel([loaded_controlnets["canny"], loaded_controlnets["depth"]])
+    pipe = StableDiffusionXLControlNetPipeline(**reference_pipe.components, controlnet=multi)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = _diffusers_scheduler("euler", tiny_model_dir)
+    theirs = pipe(prompt="a robot in a field", image=[edges, depth], width=64, height=64, num_inference_steps=5,
+                  guidance_scale=5.0, controlnet_conditioning_scale=[0.8, 1.3], control_guidance_start=[0.0, 0.3],
+                  control_guidance_end=[0.6, 1.0], num_images_per_prompt=2, generator=generators(3, 2), output_type="np").images
+    assert _max_diff(ours, theirs) <= TOLERANCE
+
+
+def test_a_unit_with_img2img_matches_the_diffusers_controlnet_img2img_pipeline(control_engine, reference_pipe, loaded_controlnets,
+                                                                               tiny_model_dir):
+    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
+
+    init, control = _init_image(64, 64, 4), _control_map(64, 64, 4)
+    ours = control_engine.generate(_request(num_images=2, init_image=init, init_strength=0.4,
+                                            controlnets=[_unit("canny", control, weight=0.9)])).pixels
+    pipe = StableDiffusionXLControlNetImg2ImgPipeline(**reference_pipe.components, controlnet=loaded_controlnets["canny"])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = _diffusers_scheduler("euler", tiny_model_dir)
+    theirs = pipe(prompt="a robot in a field", image=init, control_image=control, strength=0.6, num_inference_steps=5,
+                  guidance_scale=5.0, controlnet_conditioning_scale=0.9, num_images_per_prompt=2,
+                  generator=generators(3, 2), output_type="np").images
+    assert _max_diff(ours, theirs) <= TOLERANCE
+
+
+def test_a_unit_changes_the_image_and_weight_zero_is_no_unit(control_engine):
+    control = _control_map(64, 64, 5)
+    plain = control_engine.generate(_request()).pixels
+    live = control_engine.generate(_request(controlnets=[_unit("canny", control)])).pixels
+    zero = control_engine.generate(_request(controlnets=[_unit("canny", control, weight=0.0)])).pixels
+    assert np.abs(live - plain).max() > 1e-2
+    assert np.array_equal(zero, plain)
+
+
+def test_a_window_outside_the_steps_is_no_unit(control_engine):
+    control = _control_map(64, 64, 6)
+    plain = control_engine.generate(_request(steps=4)).pixels
+    # With 4 steps, step i is active only if i/4 >= start and (i+1)/4 <= end: [0.05, 0.2] holds no step.
+    outside = control_engine.generate(_request(steps=4, controlnets=[_unit("canny", control, start=0.05, end=0.2)])).pixels
+    assert np.array_equal(outside, plain)
+
+
+def test_control_units_are_replayed(control_engine, tmp_path):
+    path = tmp_path / "edges.png"
+    _control_map(64, 64, 7).save(path)
+    result = control_engine.generate(_request(num_images=2, controlnets=[_unit("canny", str(path), weight=1.2)]))
+    saved = result.save(tmp_path / "out")
+    meta = result.metadata[1]["resolved"]["controlnets"][0]
+    assert meta["type"] == "canny" and meta["weight"] == 1.2 and len(meta["image"]["sha256"]) == 64
+    assert np.array_equal(control_engine.replay(saved[1]).pixels[0], result.pixels[1])
+
+
+@pytest.mark.parametrize("mode, expected_black_rows", [("crop", 0), ("fit", 16), ("stretch", 0)])
+def test_control_images_are_fitted_to_the_output_size(mode, expected_black_rows):
+    wide = Image.new("RGB", (128, 64), (255, 255, 255))
+    fitted = np.asarray(fit_image(wide, 64, 64, mode))
+    assert fitted.shape == (64, 64, 3)
+    assert int((fitted.max(axis=(1, 2)) == 0).sum()) == expected_black_rows * 2
+
+
+def test_grayscale_alpha_and_cmyk_control_images_work(control_engine):
+    base = _control_map(64, 64, 8)
+    variants = [base.convert("L"), base.convert("RGBA"), base.convert("CMYK")]
+    for variant in variants:
+        assert control_engine.generate(_request(steps=2, controlnets=[_unit("canny", variant)])).images[0].size == (64, 64)
+
+
+def test_a_type_no_model_serves_lists_what_is_available(control_engine):
+    with pytest.raises(ControlError, match="'lineart'.*served: canny, depth, pose"):
+        control_engine.generate(_request(controlnets=[_unit("lineart", _control_map(64, 64, 0))]))
+
+
+def test_missing_controlnet_weights_name_the_fetch_command(engine, refgen_home):
+    with pytest.raises(WeightsMissingError, match="refgen weights fetch controlnet-openpose-sdxl"):
+        engine.generate(_request(controlnets=[_unit("pose", _control_map(64, 64, 0))]))
+
+
+@pytest.mark.parametrize("fields, words", [({"type": "laser"}, "unknown control type"), ({"weight": 2.5}, "weight"),
+                                           ({"start": 0.7, "end": 0.3}, "start")])
+def test_invalid_units_are_rejected_by_name(fields, words):
+    with pytest.raises(ValueError, match=words):
+        ControlUnit(**{"type": "canny", "image": "x.png", **fields})
