@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from engine.conditioning import Guidance
 from engine.errors import RefgenError
 
 # Types with a model to serve them, and the spellings users and Leonardo use for them.
@@ -144,7 +145,7 @@ class _ReadyUnit:
     image: torch.Tensor  # (2B or B, 3, H, W) in [0, 1], CFG-batched like the latents
 
 
-class ControlGuidance:
+class ControlGuidance(Guidance):
     """The conditioning contribution of all ControlNet units of a request (engine Contribution)."""
 
     def __init__(self, units: list[_ReadyUnit]):

@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Protocol
+from typing import Optional
 
 import torch
 
 
-class Contribution(Protocol):
-    """An adapter's share of the UNet call (ControlNet residuals, IP-Adapter embeddings, ...).
+class Guidance:
+    """An adapter's share of the denoising (ControlNet residuals, inpainting masks, IP-Adapter embeds).
 
-    The loop asks each contribution for extra UNet keyword arguments at every step and never
-    needs to know which adapter it is. How contributions combine: `added_cond_kwargs` entries
-    are merged, ControlNet-style residuals are summed, other keys are set.
+    The loop calls these hooks at every step and never needs to know which adapter it has; each
+    hook does nothing unless the adapter overrides it. How contributions combine: entries of
+    `added_cond_kwargs` are merged, ControlNet-style residuals are summed, other keys are set.
     """
 
-    def unet_kwargs(
-        self, latent_input: torch.Tensor, timestep: torch.Tensor, step: int, total: int, cond: "Conditioning"
-    ) -> dict: ...
+    def unet_kwargs(self, latent_input: torch.Tensor, timestep: torch.Tensor, step: int, total: int, cond: "Conditioning") -> dict:
+        """Extra UNet keyword arguments for this step (computed on the 4-channel latent input)."""
+        return {}
+
+    def unet_input(self, latent_input: torch.Tensor) -> torch.Tensor:
+        """The tensor the UNet itself sees (an inpainting UNet takes mask and masked-image channels too)."""
+        return latent_input
+
+    def after_step(self, latents: torch.Tensor, step: int, timesteps: torch.Tensor, scheduler) -> torch.Tensor:
+        """Latents after the scheduler's step (inpainting with a base UNet re-imposes the known region)."""
+        return latents
 
 
 @dataclass(frozen=True)
@@ -33,7 +41,7 @@ class Conditioning:
     time_ids: torch.Tensor
     guidance_scale: float
     guided: bool
-    contributions: tuple[Contribution, ...] = ()
+    contributions: tuple[Guidance, ...] = ()
 
     def at_size(self, width: int, height: int) -> "Conditioning":
         """The same text conditioning for another output size (the quality refine pass)."""

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from adapters import inpaint
 from adapters.controlnet import ControlNetLibrary, ControlUnit, build_guidance
 
 from . import vae as vae_ops
@@ -87,6 +88,7 @@ class _Job:
     init_image: Optional[Image.Image] = None
     init_info: Optional[dict] = None
     control_units: tuple[ControlUnit, ...] = ()  # with their prepared (preprocessed) control images
+    mask: Optional[Image.Image] = None  # inpainting, same size as init_image
     on_step: Optional[StepCallback] = field(default=None, compare=False)
 
 
@@ -99,6 +101,7 @@ class Engine:
         self.device = device
         self.dtype = dtype
         self.controlnets = ControlNetLibrary(device, dtype)
+        self.inpaint_unet = None  # a 9-channel SDXL inpainting UNet, see load_inpaint_unet
         self._loras = LoraSet(pipe, allow_pickle)
         if model.notice:
             log.warning(model.notice)
@@ -142,6 +145,25 @@ class Engine:
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, info, device, dtype, allow_pickle)
 
+    def load_inpaint_unet(self, reference: Union[str, Path]) -> None:
+        """Use an SDXL inpainting UNet (9 input channels) for masked requests: a manifest name
+        (`sdxl-inpainting`), a diffusers model folder with unet/, or a UNet folder."""
+        from diffusers import UNet2DConditionModel
+
+        from . import weights
+
+        folder = Path(reference).expanduser()
+        if not folder.is_dir():
+            folder = weights.require(str(reference))
+        subfolder = "unet" if (folder / "unet").is_dir() else None
+        variant = "fp16" if any((folder / (subfolder or "")).glob("*.fp16.safetensors")) else None
+        unet = UNet2DConditionModel.from_pretrained(
+            str(folder), subfolder=subfolder, variant=variant, dtype=self.dtype, use_safetensors=True, local_files_only=True
+        )
+        if unet.config.in_channels != inpaint.INPAINT_CHANNELS:
+            raise ValueError(f"{reference} is not an inpainting UNet: it has {unet.config.in_channels} input channels, not 9")
+        self.inpaint_unet = unet.to(self.device).eval()
+
     @property
     def native_size(self) -> int:
         """The model's native square side in pixels (1024 for SDXL)."""
@@ -156,8 +178,13 @@ class Engine:
         records = [_control_record(unit, _image_identity(unit.image, image)) for unit, image in zip(request.controlnets, sources)]
         resolved = resolved.model_copy(update={"controlnets": records})
         units = self._prepare_controls(request.controlnets, sources)
+        mask = None
+        if request.mask_image is not None:
+            mask = load_rgb(request.mask_image, "mask").convert("L")
+            inpaint.check_mask_size(mask, init_image)
+            resolved = resolved.model_copy(update={"mask_image": _image_identity(request.mask_image, mask)})
         init_info = _image_identity(request.init_image, init_image)
-        return self._run(_Job(resolved, _request_record(request), init_image, init_info, units, on_step))
+        return self._run(_Job(resolved, _request_record(request), init_image, init_info, units, mask, on_step))
 
     def replay(self, image_path: Union[str, Path], init_image: Optional[Union[str, Path]] = None) -> GenerationResult:
         """Regenerate a refgen PNG from its metadata (bit-identical on the same device and dtype).
@@ -175,7 +202,10 @@ class Engine:
             units.append(ControlUnit(**{**record, "image": image}))
             sources.append(image)
         prepared = self._prepare_controls(units, sources)
-        result = self._run(_Job(resolved, meta["request"], init, init_info, prepared))
+        mask = None
+        if resolved.mask_image is not None:
+            mask = _replay_image(resolved.mask_image, None, "mask")[0].convert("L")
+        result = self._run(_Job(resolved, meta["request"], init, init_info, prepared, mask))
         return result.pick(meta["image"]["index"])
 
     def _prepare_controls(self, units, sources: list[Image.Image]) -> tuple[ControlUnit, ...]:
@@ -202,11 +232,16 @@ class Engine:
         )
         cond = self._with_controls(cond, job, resolved.width, resolved.height)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in resolved.seeds]
-        init_pixels = None
+        init_pixels, mask, init_fitted = None, None, None
         if job.init_image is not None:
-            init_pixels = vae_ops.pil_to_tensor([_fit(job.init_image, resolved.width, resolved.height)])
-        latents = self._sample(cond, resolved, generators, init_pixels, resolved.denoise, job.on_step, "base")
+            init_fitted = _fit(job.init_image, resolved.width, resolved.height)
+            init_pixels = vae_ops.pil_to_tensor([init_fitted])
+        if job.mask is not None:
+            mask = _fit(job.mask, resolved.width, resolved.height)  # the same crop as the init image
+        latents = self._sample(cond, resolved, generators, init_pixels, resolved.denoise, job.on_step, "base", mask)
         pixels = vae_ops.decode(self.pipe.vae, latents)
+        if mask is not None:
+            pixels = inpaint.composite(pixels, init_fitted, mask, resolved.mask_feather)
         if resolved.refine_scale != 1.0:
             pixels = self._refine(cond, job, generators, pixels)
         size = (pixels.shape[2], pixels.shape[1])
@@ -222,10 +257,18 @@ class Engine:
         ]
         return GenerationResult(vae_ops.pixels_to_pil(pixels), list(resolved.seeds), metadata, pixels)
 
-    def _sample(self, cond: Conditioning, resolved: ResolvedRequest, generators, init_pixels, denoise_strength, on_step, phase):
+    def _sample(self, cond: Conditioning, resolved: ResolvedRequest, generators, init_pixels, denoise_strength, on_step, phase,
+                mask: Optional[Image.Image] = None):
         scheduler = build_scheduler(resolved.scheduler, self.pipe.scheduler.config)
         timesteps = schedule(scheduler, resolved.steps, denoise_strength, self.device)
         batch = len(generators)
+        unet = self._unet_for(mask is not None)
+        callback = None if on_step is None else (lambda info: on_step(replace(info, phase=phase)))
+        if mask is not None:
+            latents, guidance = self._inpaint_start(unet, scheduler, timesteps, init_pixels, mask, generators, cond.guided,
+                                                     from_noise=denoise_strength >= 1.0)
+            cond = replace(cond, contributions=cond.contributions + (guidance,))
+            return denoise(unet, scheduler, latents, timesteps, cond, generators, callback)
         if init_pixels is None:
             channels = self.pipe.vae.config.latent_channels
             factor = self.pipe.vae_scale_factor
@@ -236,8 +279,36 @@ class Engine:
             clean = vae_ops.encode(self.pipe.vae, pixels, generators, self.device, self.dtype)
             noise = initial_noise(clean.shape, generators, self.device, self.dtype)
             latents = scheduler.add_noise(clean, noise, timesteps[:1].repeat(batch))
-        callback = None if on_step is None else (lambda info: on_step(replace(info, phase=phase)))
-        return denoise(self.pipe.unet, scheduler, latents, timesteps, cond, generators, callback)
+        return denoise(unet, scheduler, latents, timesteps, cond, generators, callback)
+
+    def _unet_for(self, inpainting: bool):
+        """The inpainting UNet for masked requests when one is loaded; the model's own UNet otherwise."""
+        if inpainting and self.inpaint_unet is not None:
+            return self.inpaint_unet
+        if self.pipe.unet.config.in_channels == inpaint.INPAINT_CHANNELS and not inpainting:
+            raise ValueError("this model is an inpainting model: give an init_image and a mask_image")
+        return self.pipe.unet
+
+    def _inpaint_start(self, unet, scheduler, timesteps, init_pixels, mask: Image.Image, generators, guided: bool, from_noise: bool):
+        """Start latents and the mask's guidance. Random draws per image follow diffusers' inpaint order."""
+        batch = len(generators)
+        pixels = init_pixels.expand(batch, -1, -1, -1)
+        repaint = inpaint.mask_tensor(mask)
+        factor = self.pipe.vae_scale_factor
+        latent_mask = inpaint.latent_mask(repaint, pixels.shape[2] // factor, pixels.shape[3] // factor)
+        latent_mask = latent_mask.repeat(batch, 1, 1, 1).to(self.device, self.dtype)
+        nine_channels = unet.config.in_channels == inpaint.INPAINT_CHANNELS
+        known = None if (nine_channels and from_noise) else vae_ops.encode(self.pipe.vae, pixels, generators, self.device, self.dtype)
+        shape = (batch, self.pipe.vae.config.latent_channels, pixels.shape[2] // factor, pixels.shape[3] // factor)
+        noise = initial_noise(shape, generators, self.device, self.dtype)
+        if from_noise:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latents = scheduler.add_noise(known, noise, timesteps[:1].repeat(batch))
+        if nine_channels:
+            masked = vae_ops.encode(self.pipe.vae, inpaint.masked_pixels(pixels, repaint), generators, self.device, self.dtype)
+            return latents, inpaint.InpaintGuidance(latent_mask, guided, masked_latents=masked)
+        return latents, inpaint.InpaintGuidance(latent_mask, guided, known_latents=known, noise=noise)
 
     def _with_controls(self, cond: Conditioning, job: _Job, width: int, height: int) -> Conditioning:
         """The conditioning with this request's adapter contributions at the given output size."""
@@ -300,8 +371,9 @@ def _has_xformers() -> bool:
 
 def _request_record(request: GenerationRequest) -> dict:
     """The request as given, JSON-safe: image inputs become their path (or a marker when in memory)."""
-    record = request.model_dump(mode="json", exclude={"init_image", "controlnets"})
+    record = request.model_dump(mode="json", exclude={"init_image", "mask_image", "controlnets"})
     record["init_image"] = _source_label(request.init_image)
+    record["mask_image"] = _source_label(request.mask_image)
     record["controlnets"] = [
         {**unit.model_dump(mode="json", exclude={"image"}), "image": _source_label(unit.image)} for unit in request.controlnets
     ]

@@ -63,6 +63,8 @@ class GenerationRequest(BaseModel):
     preset: Optional[str] = None
     init_image: Optional[Union[str, Path, Image.Image]] = None
     init_strength: Optional[float] = Field(default=None, ge=0.1, le=0.9)
+    mask_image: Optional[Union[str, Path, Image.Image]] = None  # inpainting: white = repaint
+    mask_feather: int = Field(default=4, ge=0, le=64)  # px of soft seam, inside the mask only
     loras: list[LoraSpec] = Field(default_factory=list, max_length=16)
     controlnets: list[ControlUnit] = Field(default_factory=list, max_length=8)
 
@@ -110,6 +112,8 @@ class GenerationRequest(BaseModel):
             raise ValueError("aspect_ratio conflicts with width/height: give one or the other")
         if self.init_strength is not None and self.init_image is None:
             raise ValueError("init_strength needs an init_image")
+        if self.mask_image is not None and self.init_image is None:
+            raise ValueError("mask_image needs an init_image (the picture to inpaint)")
         return self
 
 
@@ -131,8 +135,10 @@ class ResolvedRequest(BaseModel):
     init_strength: Optional[float]
     refine_scale: float
     refine_denoise: float
+    mask_feather: int = 0
     loras: list[LoraSpec]
     controlnets: list[dict] = Field(default_factory=list)  # units with image identities, see Engine
+    mask_image: Optional[dict] = None  # the inpainting mask's identity (path, sha256)
 
     @property
     def denoise(self) -> float:
@@ -159,6 +165,7 @@ def resolve(request: GenerationRequest, native_size: int = 1024, init_size: Opti
     preset = preset_lib.get_preset(request.preset) if request.preset else preset_lib.Preset(name="none")
     mode = request.mode or preset.mode or "fast"
     settings: ModeSettings = MODES[mode]
+    refines = settings.refine_scale != 1.0 and request.mask_image is None  # inpainting keeps the image's size
     width, height = _resolve_size(request, preset, native_size, init_size)
     base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     return ResolvedRequest(
@@ -172,11 +179,19 @@ def resolve(request: GenerationRequest, native_size: int = 1024, init_size: Opti
         scheduler=schedulers.canonical_name(request.scheduler or preset.scheduler or schedulers.DEFAULT_SCHEDULER),
         mode=mode,
         preset=request.preset,
-        init_strength=(request.init_strength or 0.5) if request.init_image is not None else None,
-        refine_scale=settings.refine_scale,
-        refine_denoise=settings.refine_denoise,
+        init_strength=_init_strength(request),
+        refine_scale=settings.refine_scale if refines else 1.0,
+        refine_denoise=settings.refine_denoise if refines else 0.0,
+        mask_feather=request.mask_feather if request.mask_image is not None else 0,
         loras=list(request.loras),
     )
+
+
+def _init_strength(request: GenerationRequest) -> Optional[float]:
+    """img2img defaults to 0.5; inpainting repaints the masked region from scratch unless told otherwise."""
+    if request.init_image is None or (request.mask_image is not None and request.init_strength is None):
+        return None
+    return request.init_strength or 0.5
 
 
 def _resolve_size(request, preset, native_size, init_size) -> tuple[int, int]:

@@ -69,6 +69,8 @@ def predict_noise(unet, latents, timestep, cond: Conditioning, scheduler, step: 
     }
     for contribution in cond.contributions:
         _merge(kwargs, contribution.unet_kwargs(latent_input, timestep, step, total, cond))
+    for contribution in cond.contributions:
+        latent_input = contribution.unet_input(latent_input)
     noise = unet(latent_input, timestep, return_dict=False, **kwargs)[0]
     if not cond.guided:
         return noise
@@ -111,6 +113,8 @@ def denoise(
         for step, timestep in enumerate(timesteps):
             noise = predict_noise(unet, latents, timestep, cond, scheduler, step, total)
             latents = scheduler.step(noise, timestep, latents, return_dict=False, **extra)[0]
+            for contribution in cond.contributions:
+                latents = contribution.after_step(latents, step, timesteps, scheduler)
             if on_step is not None and on_step(StepInfo(step, total, float(timestep), latents)) is False:
                 raise GenerationCancelled(f"cancelled by the step callback after step {step + 1} of {total}")
     return latents
