@@ -26,7 +26,7 @@ from engine.errors import RefgenError
 
 # Types with a model to serve them, and the spellings users and Leonardo use for them.
 CONTROL_TYPES = ("canny", "depth", "pose", "lineart", "scribble", "softedge", "normal")
-_ALIASES = {"edge": "canny", "edges": "canny", "openpose": "pose", "sketch": "scribble", "hed": "softedge",
+CONTROL_ALIASES = {"edge": "canny", "edges": "canny", "openpose": "pose", "sketch": "scribble", "hed": "softedge",
             "line_art": "lineart", "normal_map": "normal"}
 
 # Single-type SDXL ControlNets in weights/manifest.toml, by control type.
@@ -39,9 +39,14 @@ class ControlError(RefgenError):
     """A control unit that cannot be served: unknown type, no model for it, unusable image."""
 
 
+def normalise_type(name: str) -> str:
+    """`Edge`, `openpose`, `line-art` ... -> the type's own name (not checked against CONTROL_TYPES)."""
+    key = str(name).strip().lower().replace("-", "_")
+    return CONTROL_ALIASES.get(key, key)
+
+
 def canonical_type(name: str) -> str:
-    key = name.strip().lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
+    key = normalise_type(name)
     if key not in CONTROL_TYPES:
         raise ValueError(f"unknown control type {name!r}; known types: {', '.join(CONTROL_TYPES)}")
     return key

@@ -77,6 +77,9 @@ def generate(
     init: Annotated[Optional[Path], typer.Option("--init", help="Init image for img2img.", dir_okay=False)] = None,
     init_strength: Annotated[Optional[float], typer.Option("--init-strength", help="0.1-0.9; higher = closer to the init image.")] = None,
     lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file, optionally :weight (repeatable).")] = None,
+    control: Annotated[Optional[list[str]], typer.Option("--control", help="ControlNet unit TYPE:IMAGE[:WEIGHT[:START:END]], e.g. canny:photo.jpg:0.8 (repeatable).")] = None,
+    mask: Annotated[Optional[Path], typer.Option("--mask", help="Inpainting mask (white = repaint), same size as --init.", dir_okay=False)] = None,
+    feather: Annotated[int, typer.Option("--feather", help="Soft seam inside the mask edge, px.")] = 4,
     model: ModelOption = "sdxl-base",
     out: OutOption = Path("out"),
     device: DeviceOption = None,
@@ -95,14 +98,68 @@ def generate(
                 prompt=prompt, negative_prompt=negative, aspect_ratio=aspect, width=width, height=height,
                 num_images=count, seed=seed, steps=steps, guidance_scale=guidance, scheduler=scheduler, mode=mode,
                 preset=preset, init_image=init, init_strength=init_strength, loras=lora or [],
+                controlnets=[_control_unit(text) for text in control or []], mask_image=mask, mask_feather=feather,
             )
         except ValidationError as exc:
             _fail(_validation_message(exc))
         engine = _load_engine(model, device, dtype, allow_pickle, offload, compile, vae_tiling)
-        with _progress() as progress:
-            result = engine.generate(request, on_step=_step_reporter(progress))
-        for path, seed_used in zip(result.save(out), result.seeds):
-            typer.echo(f"{path}  (seed {seed_used})")
+        _generate_and_save(engine, request, out)
+
+
+def _generate_and_save(engine, request, out: Path) -> None:
+    with _progress() as progress:
+        result = engine.generate(request, on_step=_step_reporter(progress))
+    for path, seed_used in zip(result.save(out), result.seeds):
+        typer.echo(f"{path}  (seed {seed_used})")
+
+
+def _control_unit(text: str):
+    """'canny:edges.png:0.8:0:0.9' -> ControlUnit (weight, start and end optional)."""
+    from adapters.controlnet import ControlUnit
+
+    kind, _, rest = text.partition(":")
+    parts = rest.rsplit(":", 3)
+    numbers: list[float] = []
+    while len(parts) > 1 and _is_float(parts[-1]):
+        numbers.insert(0, float(parts.pop()))
+    fields = dict(zip(("weight", "start", "end"), numbers))
+    return ControlUnit(type=kind, image=":".join(parts), **fields)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+@app.command()
+def remix(
+    image: Annotated[Path, typer.Argument(help="The picture whose structure to keep.", exists=True, dir_okay=False)],
+    prompt: Annotated[str, typer.Argument(help="What it should become.")],
+    control: Annotated[str, typer.Option("--control", help="canny (outlines) or depth (3D layout).")] = "canny",
+    init_strength: Annotated[float, typer.Option("--init-strength", help="0.1-0.9; higher = closer to the original.")] = 0.35,
+    control_weight: Annotated[float, typer.Option("--control-weight", help="0-2.")] = 0.6,
+    count: Annotated[int, typer.Option("--n", "--count")] = 1,
+    seed: Annotated[Optional[int], typer.Option("--seed", "-s")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps")] = None,
+    model: ModelOption = "sdxl-base",
+    out: OutOption = Path("out"),
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+) -> None:
+    """Remix an image: same structure, new content or style (init image + ControlNet from the same image)."""
+    from .remix import remix_request
+
+    with _refgen_errors():
+        try:
+            request = remix_request(image, prompt, control=control, init_strength=init_strength, control_weight=control_weight,
+                                    num_images=count, seed=seed, preset=preset, steps=steps)
+        except ValidationError as exc:
+            _fail(_validation_message(exc))
+        _generate_and_save(_load_engine(model, device, dtype), request, out)
 
 
 @app.command()

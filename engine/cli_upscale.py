@@ -48,7 +48,7 @@ def output_path(image: Path, out: Optional[Path], scale: int) -> Path:
 def upscale(
     image: Annotated[Path, typer.Argument(help="Image to upscale (PNG, JPEG, WebP, ...). Transparency is kept.", dir_okay=False)],
     scale: Annotated[Optional[int], typer.Option("--scale", "-s", help="2 or 4 (default 4): picks the manifest model realesrgan-x<scale>plus. With --model, the model's own scale applies.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Manifest name or an ESRGAN .safetensors/.pth file (default: realesrgan-x<scale>plus).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Manifest name, an ESRGAN .safetensors/.pth file, or 'tiny' (offline stand-in). Default: realesrgan-x<scale>plus.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .png file, or a folder (default: next to the input, <name>_x<scale>.png).")] = None,
     tile: Annotated[int, typer.Option("--tile", help="Tile size in input pixels, 0 = whole image; halved automatically on GPU out-of-memory.")] = 512,
     overlap: Annotated[int, typer.Option("--overlap", help="Pixels neighbouring tiles share (blended).")] = 32,
@@ -63,10 +63,14 @@ def upscale(
         _fail(f"--scale must be 2 or 4, got {scale}")
     console = Console(stderr=True)
     with _refgen_errors():
-        picture = load_image(image, what=f"image {image}")  # a bad file fails before any model loads
+        picture = load_image(image, what="input image")  # a bad file fails before any model loads
         reference = model or default_model(scale or DEFAULT_SCALE)
+        if reference == "tiny":
+            reference = f"tiny-x{scale or DEFAULT_SCALE}"
         with console.status(f"loading {reference} ..."):
             upscaler = Upscaler.load(reference, device=device, allow_pickle=allow_pickle)
+        if upscaler.notice:
+            console.print(f"[yellow]{escape(upscaler.notice)}[/yellow]")
         if scale is not None and model is not None and upscaler.scale != scale:
             _fail(f"{reference} upscales x{upscaler.scale}, not x{scale}; drop --scale or pick a x{scale} model")
         target = output_path(image, out, upscaler.scale)

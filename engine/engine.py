@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 
 from adapters import inpaint
 from adapters.controlnet import ControlNetLibrary, ControlUnit, build_guidance
+from adapters.preprocess import Preprocessors, is_preprocessed
 
 from . import vae as vae_ops
 from .conditioning import Conditioning, encode_text
@@ -101,6 +102,7 @@ class Engine:
         self.device = device
         self.dtype = dtype
         self.controlnets = ControlNetLibrary(device, dtype)
+        self.preprocessors = Preprocessors(device=device, allow_pickle=allow_pickle)  # photo -> control image, cached
         self.inpaint_unet = None  # a 9-channel SDXL inpainting UNet, see load_inpaint_unet
         self._loras = LoraSet(pipe, allow_pickle)
         if model.notice:
@@ -213,11 +215,7 @@ class Engine:
         return tuple(unit.model_copy(update={"image": self._control_image(unit, image)}) for unit, image in zip(units, sources))
 
     def _control_image(self, unit: ControlUnit, image: Image.Image) -> Image.Image:
-        if unit.preprocess is False:
-            return image
-        from adapters import preprocess
-
-        if unit.preprocess == "auto" and preprocess.is_preprocessed(image, unit.type):
+        if unit.preprocess is False or (unit.preprocess == "auto" and is_preprocessed(image, unit.type)):
             return image
         return self.preprocessors.run(unit.type, image, **unit.options)
 

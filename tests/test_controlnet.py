@@ -166,3 +166,34 @@ def test_missing_controlnet_weights_name_the_fetch_command(engine, refgen_home):
 def test_invalid_units_are_rejected_by_name(fields, words):
     with pytest.raises(ValueError, match=words):
         ControlUnit(**{"type": "canny", "image": "x.png", **fields})
+
+
+def _photo(size: int = 64) -> Image.Image:
+    from skimage.data import astronaut
+
+    return Image.fromarray(astronaut()).resize((size, size), Image.LANCZOS)
+
+
+def test_a_photo_is_preprocessed_automatically_and_a_control_map_is_not(control_engine):
+    photo = _photo()
+    auto = control_engine.generate(_request(controlnets=[ControlUnit(type="canny", image=photo, weight=2.0)])).pixels
+    edges = control_engine.preprocessors.run("canny", photo)
+    from_edges = control_engine.generate(_request(controlnets=[ControlUnit(type="canny", image=edges, weight=2.0)])).pixels
+    raw_photo = control_engine.generate(_request(controlnets=[_unit("canny", photo, weight=2.0)])).pixels
+    assert np.array_equal(auto, from_edges)  # the photo became its canny map; the map was used as is
+    assert np.abs(auto - raw_photo).max() > 1e-4
+
+
+def test_remix_is_img2img_plus_a_control_unit_from_the_same_image(control_engine, tmp_path):
+    from engine.remix import REMIX_INIT_STRENGTH, remix_request
+
+    path = tmp_path / "photo.png"
+    _photo().save(path)
+    request = remix_request(str(path), "a bronze statue", control="canny", width=64, height=64, steps=4, seed=1)
+    assert request.init_strength == REMIX_INIT_STRENGTH and request.controlnets[0].image == str(path)
+    result = control_engine.generate(request)
+    meta = result.metadata[0]["resolved"]
+    assert meta["init_strength"] == REMIX_INIT_STRENGTH and meta["controlnets"][0]["type"] == "canny"
+    without_control = control_engine.generate(request.model_copy(update={"controlnets": []})).pixels
+    assert np.abs(result.pixels - without_control).max() > 1e-3
+    assert np.array_equal(control_engine.replay(result.save(tmp_path / "out")[0]).pixels, result.pixels)
