@@ -32,6 +32,10 @@ CONTROL_ALIASES = {"edge": "canny", "edges": "canny", "openpose": "pose", "sketc
 # Single-type SDXL ControlNets in weights/manifest.toml, by control type.
 DEFAULT_MODELS = {"canny": "controlnet-canny-sdxl", "depth": "controlnet-depth-sdxl", "pose": "controlnet-openpose-sdxl"}
 
+# ControlNet-Union (xinsir promax) serves the other types: its control modes by type.
+UNION_MODEL = "controlnet-union-sdxl"
+UNION_MODES = {"pose": 0, "depth": 1, "softedge": 2, "scribble": 2, "canny": 3, "lineart": 3, "normal": 4}
+
 FitMode = Literal["crop", "fit", "stretch"]
 
 
@@ -92,55 +96,114 @@ def fit_image(image: Image.Image, width: int, height: int, mode: FitMode) -> Ima
     return ImageOps.fit(image, (width, height), Image.LANCZOS)
 
 
-class ControlNetLibrary:
-    """The ControlNet models an engine can use by control type, loaded on first use and kept."""
+class UnionControl:
+    """ControlNet-Union serving one control type, called like a single-type ControlNet.
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, references: Optional[dict[str, str]] = None):
+    Each unit runs the union model with its own condition and mode, so every unit keeps its own
+    weight and window; diffusers' union pipeline instead fuses all conditions in one call.
+    """
+
+    def __init__(self, model: torch.nn.Module, mode: int):
+        self.model, self.mode = model, mode
+
+    @property
+    def device(self):
+        return self.model.device
+
+    @property
+    def dtype(self):
+        return self.model.dtype
+
+    def __call__(self, sample, timestep, *, controlnet_cond, **kwargs):
+        control_type = torch.zeros(sample.shape[0], self.model.config.num_control_type, device=sample.device, dtype=sample.dtype)
+        control_type[:, self.mode] = 1
+        return self.model(sample, timestep, controlnet_cond=[controlnet_cond], control_type=control_type,
+                          control_type_idx=[self.mode], **kwargs)
+
+
+class ControlNetLibrary:
+    """The ControlNet models an engine can use by control type, loaded on first use and kept.
+
+    By default canny, depth and pose use their single-type SDXL ControlNets and every other type
+    the ControlNet-Union model, all from the manifest (fetched with `refgen weights fetch`).
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, references: Optional[dict[str, str]] = None,
+                 use_manifest: bool = True):
         self._device, self._dtype = device, dtype
-        self._references = dict(DEFAULT_MODELS)
-        self._loaded: dict[str, torch.nn.Module] = {}
+        self._references: dict[str, object] = {}
+        self._loaded: dict[object, torch.nn.Module] = {}  # by reference: a union model loads once for all its types
+        if use_manifest:
+            self.register_union(UNION_MODEL, [t for t in UNION_MODES if t not in DEFAULT_MODELS])
+            for control_type, reference in DEFAULT_MODELS.items():
+                self.register(control_type, reference)
         for control_type, reference in (references or {}).items():
             self.register(control_type, reference)
 
     def register(self, control_type: str, reference: Union[str, Path, torch.nn.Module]) -> None:
         """Serve `control_type` with a manifest name, a diffusers ControlNet folder, or a loaded model."""
         key = canonical_type(control_type)
-        self._loaded.pop(key, None)
         if isinstance(reference, torch.nn.Module):
-            self._loaded[key] = reference.to(self._device, self._dtype).eval()
-        self._references[key] = reference if isinstance(reference, torch.nn.Module) else str(reference)
+            self._loaded[id(reference)] = reference.to(self._device, self._dtype).eval()
+            reference = id(reference)
+        self._references[key] = ("single", str(reference) if isinstance(reference, Path) else reference)
+
+    def register_union(self, reference: Union[str, Path], control_types: Optional[list[str]] = None) -> None:
+        """Serve `control_types` (default: all it knows) with a ControlNet-Union model."""
+        for control_type in control_types or list(UNION_MODES):
+            key = canonical_type(control_type)
+            if key not in UNION_MODES:
+                raise ControlError(f"ControlNet-Union has no mode for {key!r}; it serves {', '.join(UNION_MODES)}")
+            self._references[key] = ("union", str(reference))
 
     def served_types(self) -> list[str]:
         return sorted(self._references)
 
-    def model(self, control_type: str) -> torch.nn.Module:
+    def model(self, control_type: str):
         key = canonical_type(control_type)
         if key not in self._references:
             raise ControlError(
                 f"no ControlNet serves control type {key!r}; served: {', '.join(self.served_types())}. "
                 "Register one with engine.controlnets.register(type, folder_or_manifest_name)"
             )
-        if key not in self._loaded:
-            self._loaded[key] = self._load(self._references[key])
-        return self._loaded[key]
+        kind, reference = self._references[key]
+        if reference not in self._loaded:
+            self._loaded[reference] = self._load(kind, reference)
+        model = self._loaded[reference]
+        return UnionControl(model, UNION_MODES[key]) if kind == "union" else model
 
     def identity(self, control_type: str) -> str:
-        reference = self._references.get(canonical_type(control_type))
-        return reference if isinstance(reference, str) else type(reference).__name__
+        kind, reference = self._references[canonical_type(control_type)]
+        return f"{kind}:{reference}" if isinstance(reference, str) else f"{kind}:in-memory"
 
-    def _load(self, reference: str) -> torch.nn.Module:
-        from diffusers import ControlNetModel
-
+    def _load(self, kind: str, reference: str) -> torch.nn.Module:
         from engine import weights
 
         folder = Path(reference).expanduser()
         if not folder.is_dir():
             folder = weights.require(reference)  # WeightsMissingError names `refgen weights fetch ...`
-        variant = "fp16" if any(folder.glob("*.fp16.safetensors")) else None
-        model = ControlNetModel.from_pretrained(
-            str(folder), dtype=self._dtype, variant=variant, use_safetensors=True, local_files_only=True
-        )
+        model = _load_union(folder, self._dtype) if kind == "union" else _load_single(folder, self._dtype)
         return model.to(self._device).eval()
+
+
+def _load_single(folder: Path, dtype) -> torch.nn.Module:
+    from diffusers import ControlNetModel
+
+    variant = "fp16" if any(folder.glob("*.fp16.safetensors")) else None
+    return ControlNetModel.from_pretrained(str(folder), dtype=dtype, variant=variant, use_safetensors=True, local_files_only=True)
+
+
+def _load_union(folder: Path, dtype) -> torch.nn.Module:
+    """ControlNet-Union from a diffusers folder, or xinsir's promax files (config_promax.json + *_promax.safetensors)."""
+    from diffusers import ControlNetUnionModel
+    from safetensors.torch import load_file
+
+    promax = folder / "config_promax.json"
+    if not promax.exists():
+        return ControlNetUnionModel.from_pretrained(str(folder), dtype=dtype, use_safetensors=True, local_files_only=True)
+    model = ControlNetUnionModel.from_config(ControlNetUnionModel.load_config(str(promax)))
+    model.load_state_dict(load_file(str(folder / "diffusion_pytorch_model_promax.safetensors")), strict=True)
+    return model.to(dtype)
 
 
 @dataclass(frozen=True)

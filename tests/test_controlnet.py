@@ -151,9 +151,67 @@ def test_grayscale_alpha_and_cmyk_control_images_work(control_engine):
         assert control_engine.generate(_request(steps=2, controlnets=[_unit("canny", variant)])).images[0].size == (64, 64)
 
 
-def test_a_type_no_model_serves_lists_what_is_available(control_engine):
-    with pytest.raises(ControlError, match="'lineart'.*served: canny, depth, pose"):
-        control_engine.generate(_request(controlnets=[_unit("lineart", _control_map(64, 64, 0))]))
+def test_a_type_no_loaded_model_serves_lists_what_is_available(tiny_model_dir, controlnet_dirs):
+    from adapters.controlnet import ControlNetLibrary
+
+    engine = Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32")
+    engine.controlnets = ControlNetLibrary(engine.device, engine.dtype, dict(controlnet_dirs), use_manifest=False)
+    with pytest.raises(ControlError, match="'lineart'.*served: canny, depth"):
+        engine.generate(_request(controlnets=[_unit("lineart", _control_map(64, 64, 0))]))
+
+
+def test_by_default_every_type_is_served_from_the_manifest(engine):
+    assert engine.controlnets.served_types() == ["canny", "depth", "lineart", "normal", "pose", "scribble", "softedge"]
+    assert engine.controlnets.identity("canny") == "single:controlnet-canny-sdxl"
+    assert engine.controlnets.identity("lineart") == "union:controlnet-union-sdxl"
+
+
+def test_missing_union_weights_name_the_fetch_command(engine, refgen_home):
+    with pytest.raises(WeightsMissingError, match="refgen weights fetch controlnet-union-sdxl"):
+        engine.generate(_request(controlnets=[_unit("softedge", _control_map(64, 64, 0))]))
+
+
+@pytest.fixture(scope="module")
+def union_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny union model saved as xinsir publishes promax: config_promax.json + *_promax.safetensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from engine.tiny import tiny_unet_config
+    from tiny_controlnet import build_tiny_union
+
+    union = build_tiny_union(tiny_unet_config(), seed=12)
+    folder = tmp_path_factory.mktemp("union") / "controlnet-union-sdxl"
+    folder.mkdir()
+    (folder / "config_promax.json").write_text(json.dumps(dict(union.config)))
+    save_file({k: v.contiguous() for k, v in union.state_dict().items()}, folder / "diffusion_pytorch_model_promax.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("kind, mode", [("lineart", 3), ("depth", 1)])
+def test_a_union_unit_matches_the_diffusers_union_pipeline(tiny_model_dir, reference_pipe, union_dir, kind, mode):
+    from diffusers import ControlNetUnionModel, StableDiffusionXLControlNetUnionPipeline
+
+    from adapters.controlnet import ControlNetLibrary
+
+    engine = Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32")
+    engine.controlnets = ControlNetLibrary(engine.device, engine.dtype, use_manifest=False)
+    engine.controlnets.register_union(union_dir)
+    control = _control_map(64, 64, 9)
+    ours = engine.generate(_request(num_images=2, controlnets=[_unit(kind, control, weight=0.8, end=0.8)])).pixels
+
+    union = ControlNetUnionModel.from_config(ControlNetUnionModel.load_config(str(union_dir / "config_promax.json")))
+    from safetensors.torch import load_file
+
+    union.load_state_dict(load_file(str(union_dir / "diffusion_pytorch_model_promax.safetensors")))
+    pipe = StableDiffusionXLControlNetUnionPipeline(**reference_pipe.components, controlnet=union)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = _diffusers_scheduler("euler", tiny_model_dir)
+    theirs = pipe(prompt="a robot in a field", control_image=[control], control_mode=[mode], width=64, height=64,
+                  num_inference_steps=5, guidance_scale=5.0, controlnet_conditioning_scale=0.8, control_guidance_end=0.8,
+                  num_images_per_prompt=2, generator=generators(3, 2), output_type="np").images
+    assert _max_diff(ours, theirs) <= TOLERANCE
 
 
 def test_missing_controlnet_weights_name_the_fetch_command(engine, refgen_home):
