@@ -30,7 +30,6 @@ RGBA.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from engine.tiling import blend_tiles, tile_starts  # noqa: F401  (tile_starts: part of this module's API)
 from engine import weights
 from engine.errors import InvalidImageError, RefgenError, UnknownModelError
 from engine.hashing import cached_sha256
@@ -262,48 +262,6 @@ def upscale_alpha(alpha: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 # ------------------------------------------------------------------------------------- tiling
-
-
-def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
-    """Start offsets of tiles of `tile` pixels covering [0, length) exactly: the first starts at 0,
-    the last ends at `length`, neighbours share at least `overlap` pixels, starts are multiples of
-    `align` (length and tile are multiples of it)."""
-    if length <= tile:
-        return [0]
-    step = max(align, tile - overlap - (align - 1))  # room to round starts down to the alignment
-    count = 1 + math.ceil((length - tile) / step)
-    starts = [((length - tile) * i // (count - 1)) // align * align for i in range(count)]
-    starts[-1] = length - tile
-    return sorted(set(starts))
-
-
-def _fade_in(shared: int) -> torch.Tensor:
-    """Weights across a region two tiles share (in output pixels), for the tile on its far side: 0 over
-    the first quarter (right at that tile's edge, where zero padding distorts the model's output),
-    a linear ramp across the middle half, 1 over the last quarter. The neighbour gets 1 minus this,
-    so the two always sum to 1 and neither contributes its edge pixels."""
-    margin = shared // 4
-    band = shared - 2 * margin
-    ramp = torch.zeros(shared)
-    ramp[margin : margin + band] = (torch.arange(band) + 0.5) / band
-    ramp[margin + band :] = 1.0
-    return ramp
-
-
-def _blend_ramp(starts: list[int], size: int, index: int, scale: int) -> torch.Tensor:
-    """1-D weights of one tile's output: 1 inside, a cross-fade over each region it shares with a
-    neighbour. Where more than two tiles overlap the weights need not sum to 1: the caller divides
-    by the weight sum, and every output pixel has some tile's interior (weight > 0) over it."""
-    ramp = torch.ones(size * scale)
-    if index > 0:
-        shared = (starts[index - 1] + size - starts[index]) * scale
-        if shared > 0:
-            ramp[:shared] = torch.minimum(ramp[:shared], _fade_in(shared))
-    if index + 1 < len(starts):
-        shared = (starts[index] + size - starts[index + 1]) * scale
-        if shared > 0:
-            ramp[-shared:] = torch.minimum(ramp[-shared:], _fade_in(shared).flip(0))
-    return ramp
 
 
 def _pad(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
@@ -528,25 +486,7 @@ class Upscaler:
 
     def _tiled(self, x: torch.Tensor, tile: int, overlap: int, reporter: _Reporter) -> torch.Tensor:
         _, _, h, w = x.shape
-        s = self.scale
-        th, tw = min(tile, h), min(tile, w)
-        ys, xs = tile_starts(h, th, overlap, self.align), tile_starts(w, tw, overlap, self.align)
-        if len(ys) == 1 and len(xs) == 1:
-            result = self._forward(x)
-            reporter.advance()
-            return result
-        out = torch.zeros(1, 3, h * s, w * s)
-        weight_sum = torch.zeros(1, 1, h * s, w * s)
-        ramps_y = [_blend_ramp(ys, th, i, s) for i in range(len(ys))]
-        ramps_x = [_blend_ramp(xs, tw, j, s) for j in range(len(xs))]
-        for i, y0 in enumerate(ys):
-            for j, x0 in enumerate(xs):
-                tile_out = self._forward(x[:, :, y0 : y0 + th, x0 : x0 + tw])
-                weight = ramps_y[i][:, None] * ramps_x[j][None, :]
-                out[:, :, y0 * s : (y0 + th) * s, x0 * s : (x0 + tw) * s] += tile_out * weight
-                weight_sum[:, :, y0 * s : (y0 + th) * s, x0 * s : (x0 + tw) * s] += weight
-                reporter.advance()
-        return out / weight_sum
+        return blend_tiles(x, (min(tile, h), min(tile, w)), overlap, self._forward, self.scale, self.align, reporter.advance)
 
     def _forward(self, tile: torch.Tensor) -> torch.Tensor:
         """One tile through the model: (1, 3, h, w) CPU float32 -> (1, 3, h*s, w*s) CPU float32 in [0, 1]."""

@@ -25,7 +25,7 @@ from .loading import ModelInfo, fp16_safe_vae, load_pipeline
 from .lora import LoraSet
 from .provenance import build_metadata, package_versions, read_metadata, save_png
 from .request import GenerationRequest, ResolvedRequest, resolve
-from .sampling import StepCallback, StepInfo, denoise, initial_noise, schedule
+from .sampling import StepCallback, denoise, initial_noise, schedule
 from .schedulers import SCHEDULERS, build_scheduler
 
 log = logging.getLogger("refgen")

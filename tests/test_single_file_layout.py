@@ -28,7 +28,6 @@ Caveats found on the way (diffusers 0.42.1, transformers 5.23):
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 
 import pytest
 import torch
