@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 from adapters import inpaint
 from adapters.controlnet import ControlNetLibrary, ControlUnit, build_guidance
 from adapters.preprocess import Preprocessors, is_preprocessed
+from adapters.upscale import Upscaler
 
 from . import vae as vae_ops
 from .conditioning import Conditioning, encode_text
@@ -26,6 +27,7 @@ from .lora import LoraSet
 from .provenance import build_metadata, package_versions, read_metadata, save_png
 from .request import GenerationRequest, ResolvedRequest, resolve
 from .sampling import StepCallback, denoise, initial_noise, schedule
+from .tiling import blend_tiles
 from .schedulers import SCHEDULERS, build_scheduler
 
 log = logging.getLogger("refgen")
@@ -104,6 +106,7 @@ class Engine:
         self.controlnets = ControlNetLibrary(device, dtype)
         self.preprocessors = Preprocessors(device=device, allow_pickle=allow_pickle)  # photo -> control image, cached
         self.inpaint_unet = None  # a 9-channel SDXL inpainting UNet, see load_inpaint_unet
+        self._upscalers: dict = {}  # ESRGAN models by reference, for upscale= and ultra mode
         self._loras = LoraSet(pipe, allow_pickle)
         if model.notice:
             log.warning(model.notice)
@@ -242,12 +245,14 @@ class Engine:
             pixels = inpaint.composite(pixels, init_fitted, mask, resolved.mask_feather)
         if resolved.refine_scale != 1.0:
             pixels = self._refine(cond, job, generators, pixels)
+        if resolved.upscale:
+            pixels = self._upscale(resolved, pixels)
         size = (pixels.shape[2], pixels.shape[1])
         versions = package_versions()  # once per request: importlib.metadata lookups are not free
         metadata = [
             build_metadata(
                 request=job.request, resolved=resolved.model_dump(mode="json"), index=index, size=size,
-                model=self._model_record(), loras=lora_identities, init_image=job.init_info,
+                model={**self._model_record(), "upscalers": self._upscaler_records(resolved)}, loras=lora_identities, init_image=job.init_info,
                 scheduler=self._scheduler_record(resolved.scheduler), device=self._device_record(),
                 versions=versions,
             )
@@ -315,18 +320,54 @@ class Engine:
         return replace(cond, contributions=() if guidance is None else (guidance,))
 
     def _refine(self, cond, job: _Job, generators, pixels: np.ndarray) -> np.ndarray:
-        """Quality mode: upsample the image and denoise it lightly again, adding detail at the new size."""
-        resolved, on_step = job.resolved, job.on_step
-        width, height = resolved.output_size
-        upsampled = torch.nn.functional.interpolate(
-            torch.from_numpy(pixels).permute(0, 3, 1, 2) * 2 - 1, size=(height, width), mode="bicubic", align_corners=False
-        ).clamp(-1, 1)
-        refine_request = resolved.model_copy(update={"width": width, "height": height})
-        refine_cond = self._with_controls(cond.at_size(width, height), job, width, height)
-        latents = self._sample(refine_cond, refine_request, generators, upsampled, resolved.refine_denoise, on_step, "refine")
+        """Quality/ultra: upsample, then denoise lightly again so detail is added at the new size.
+
+        Up to 1.5x the model's native size the refine is one pass (with the request's ControlNets);
+        beyond it, overlapping native-size tiles are refined one after another and blended.
+        """
+        resolved = job.resolved
+        width, height = resolved.refined_size
+        if resolved.refine_upsampler == "esrgan":
+            pixels = self._upscaler(resolved.upscaler or "realesrgan-x2plus").upscale_pixels(pixels)
+        upsampled = _resize_pixels(pixels, width, height) * 2 - 1
+        limit = int(self.native_size * 1.5)
+        if max(width, height) <= limit:
+            refine_cond = self._with_controls(cond.at_size(width, height), job, width, height)
+            return self._refine_pass(refine_cond, resolved, generators, upsampled, job.on_step)
+        tile = (min(height, self.native_size), min(width, self.native_size))
+        run = lambda part: torch.from_numpy(  # noqa: E731 - one tile of the refine, as (B, 3, h, w) in [0, 1]
+            self._refine_pass(cond.at_size(part.shape[3], part.shape[2]), resolved, generators, part, job.on_step)
+        ).permute(0, 3, 1, 2)
+        blended = blend_tiles(upsampled, tile, overlap=self.native_size // 4, run=run, align=self.pipe.vae_scale_factor)
+        return blended.permute(0, 2, 3, 1).numpy()
+
+    def _refine_pass(self, cond, resolved: ResolvedRequest, generators, pixels: torch.Tensor, on_step) -> np.ndarray:
+        size = resolved.model_copy(update={"width": pixels.shape[3], "height": pixels.shape[2]})
+        latents = self._sample(cond, size, generators, pixels, resolved.refine_denoise, on_step, "refine")
         return vae_ops.decode(self.pipe.vae, latents)
 
+    def _upscaler(self, reference: str):
+        """An ESRGAN upscaler, loaded once per engine (its weights are small)."""
+        if reference not in self._upscalers:
+            self._upscalers[reference] = Upscaler.load(reference, device=self.device)
+        return self._upscalers[reference]
+
+    def _upscale(self, resolved: ResolvedRequest, pixels: np.ndarray) -> np.ndarray:
+        """The plain `upscale=` step: ESRGAN only, resized to the exact factor when the model's differs."""
+        upscaler = self._upscaler(resolved.upscaler or f"realesrgan-x{resolved.upscale}plus")
+        height, width = pixels.shape[1] * resolved.upscale, pixels.shape[2] * resolved.upscale
+        return _resize_pixels(upscaler.upscale_pixels(pixels), width, height).permute(0, 2, 3, 1).numpy()
+
     # -- provenance records ----------------------------------------------------------------
+
+    def _upscaler_records(self, resolved: ResolvedRequest) -> dict:
+        """The ESRGAN models this request used, with their hashes."""
+        used = []
+        if resolved.refine_upsampler == "esrgan":
+            used.append(resolved.upscaler or "realesrgan-x2plus")
+        if resolved.upscale:
+            used.append(resolved.upscaler or f"realesrgan-x{resolved.upscale}plus")
+        return {reference: self._upscalers[reference].info.sha256 for reference in used}
 
     def _model_record(self) -> dict:
         return {
@@ -341,6 +382,14 @@ class Engine:
     def _device_record(self) -> dict:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return {"type": self.device.type, "name": name, "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+def _resize_pixels(pixels: np.ndarray, width: int, height: int) -> torch.Tensor:
+    """(B, H, W, 3) floats -> (B, 3, height, width) in [0, 1] (bicubic; unchanged when already that size)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)
+    if tensor.shape[2:] == (height, width):
+        return tensor
+    return torch.nn.functional.interpolate(tensor, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 def _fit(image: Image.Image, width: int, height: int) -> Image.Image:

@@ -17,22 +17,29 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-Mode = Literal["fast", "quality"]
+Mode = Literal["fast", "quality", "ultra"]
 
 
 class ModeSettings(BaseModel):
-    """What `fast` and `quality` mean. Quality = more steps plus a refine pass: the image is
-    upsampled and denoised again lightly (img2img), the local counterpart of Leonardo's Alchemy."""
+    """What the modes mean.
+
+    fast: one pass. quality: more steps plus a refine pass: the image is upsampled (bicubic) and
+    denoised again lightly (img2img), the local counterpart of Leonardo's Alchemy. ultra: the
+    image is upscaled with ESRGAN, then refined the same way, in overlapping tiles of the model's
+    native size when it is larger (Leonardo's Ultra Upscaler: detail added, not interpolated).
+    """
 
     model_config = ConfigDict(frozen=True)
     steps: int
     refine_scale: float = 1.0  # output side / base side; 1.0 = no refine pass
     refine_denoise: float = 0.0
+    refine_upsampler: Literal["bicubic", "esrgan"] = "bicubic"
 
 
 MODES: dict[str, ModeSettings] = {
     "fast": ModeSettings(steps=20),
     "quality": ModeSettings(steps=40, refine_scale=1.5, refine_denoise=0.35),
+    "ultra": ModeSettings(steps=30, refine_scale=2.0, refine_denoise=0.3, refine_upsampler="esrgan"),
 }
 
 DEFAULT_GUIDANCE = 7.0

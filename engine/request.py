@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -67,6 +67,8 @@ class GenerationRequest(BaseModel):
     mask_feather: int = Field(default=4, ge=0, le=64)  # px of soft seam, inside the mask only
     loras: list[LoraSpec] = Field(default_factory=list, max_length=16)
     controlnets: list[ControlUnit] = Field(default_factory=list, max_length=8)
+    upscale: Optional[Literal[2, 4]] = None  # ESRGAN after generation (ultra mode refines instead)
+    upscaler: Optional[str] = None  # ESRGAN model for upscale/ultra (default: realesrgan-x{2,4}plus)
 
     @field_validator("width", "height")
     @classmethod
@@ -135,6 +137,9 @@ class ResolvedRequest(BaseModel):
     init_strength: Optional[float]
     refine_scale: float
     refine_denoise: float
+    refine_upsampler: str = "bicubic"
+    upscale: Optional[int] = None
+    upscaler: Optional[str] = None
     mask_feather: int = 0
     loras: list[LoraSpec]
     controlnets: list[dict] = Field(default_factory=list)  # units with image identities, see Engine
@@ -146,10 +151,16 @@ class ResolvedRequest(BaseModel):
         return 1.0 if self.init_strength is None else 1.0 - self.init_strength
 
     @property
-    def output_size(self) -> tuple[int, int]:
+    def refined_size(self) -> tuple[int, int]:
+        """Size after the refine pass (quality/ultra), before any plain `upscale`."""
         if self.refine_scale == 1.0:
             return self.width, self.height
         return _refined_side(self.width, self.refine_scale), _refined_side(self.height, self.refine_scale)
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        width, height = self.refined_size
+        return width * (self.upscale or 1), height * (self.upscale or 1)
 
 
 def _refined_side(side: int, scale: float) -> int:
@@ -182,6 +193,9 @@ def resolve(request: GenerationRequest, native_size: int = 1024, init_size: Opti
         init_strength=_init_strength(request),
         refine_scale=settings.refine_scale if refines else 1.0,
         refine_denoise=settings.refine_denoise if refines else 0.0,
+        refine_upsampler=settings.refine_upsampler if refines else "bicubic",
+        upscale=request.upscale,
+        upscaler=request.upscaler,
         mask_feather=request.mask_feather if request.mask_image is not None else 0,
         loras=list(request.loras),
     )
