@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .cli_upscale import upscale
 from .cli_weights import _fail, _refgen_errors, weights_app
 
 app = typer.Typer(help="refgen: local SDXL image generation with references, reproducible to the bit.", no_args_is_help=True)
@@ -72,7 +73,7 @@ def generate(
     steps: Annotated[Optional[int], typer.Option("--steps")] = None,
     guidance: Annotated[Optional[float], typer.Option("--guidance", "-g", help="CFG scale 1-20.")] = None,
     scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="e.g. dpmpp_2m_karras, euler_a, EULER_DISCRETE.")] = None,
-    mode: Annotated[Optional[str], typer.Option("--mode", help="fast, or quality (more steps + refine pass).")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="fast; quality (more steps + x1.5 refine pass); ultra (ESRGAN x2 + tiled refine).")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="See `refgen presets list`.")] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="Init image for img2img.", dir_okay=False)] = None,
     init_strength: Annotated[Optional[float], typer.Option("--init-strength", help="0.1-0.9; higher = closer to the init image.")] = None,
@@ -80,6 +81,8 @@ def generate(
     control: Annotated[Optional[list[str]], typer.Option("--control", help="ControlNet unit TYPE:IMAGE[:WEIGHT[:START:END]], e.g. canny:photo.jpg:0.8 (repeatable).")] = None,
     mask: Annotated[Optional[Path], typer.Option("--mask", help="Inpainting mask (white = repaint), same size as --init.", dir_okay=False)] = None,
     feather: Annotated[int, typer.Option("--feather", help="Soft seam inside the mask edge, px.")] = 4,
+    upscale_by: Annotated[Optional[int], typer.Option("--upscale", help="ESRGAN x2 or x4 after generation.")] = None,
+    upscaler: Annotated[Optional[str], typer.Option("--upscaler", help="ESRGAN model for --upscale / ultra (manifest name or file).")] = None,
     model: ModelOption = "sdxl-base",
     out: OutOption = Path("out"),
     device: DeviceOption = None,
@@ -99,6 +102,7 @@ def generate(
                 num_images=count, seed=seed, steps=steps, guidance_scale=guidance, scheduler=scheduler, mode=mode,
                 preset=preset, init_image=init, init_strength=init_strength, loras=lora or [],
                 controlnets=[_control_unit(text) for text in control or []], mask_image=mask, mask_feather=feather,
+                upscale=upscale_by, upscaler=upscaler,
             )
         except ValidationError as exc:
             _fail(_validation_message(exc))
@@ -227,6 +231,8 @@ def show_preset(name: str) -> None:
 def _text(value) -> str:
     return "" if value is None else escape(str(value))
 
+
+app.command()(upscale)  # defined in cli_upscale.py; registered last so `refgen --help` lists generate first
 
 if __name__ == "__main__":
     app()

@@ -211,6 +211,9 @@ def _init_strength(request: GenerationRequest) -> Optional[float]:
 def _resolve_size(request, preset, native_size, init_size) -> tuple[int, int]:
     if request.width is not None:
         return request.width, request.height
+    if request.mask_image is not None and init_size is not None:
+        # Inpainting edits the picture in place: keep its size (the VAE needs multiples of 8).
+        return max(64, init_size[0] // 8 * 8), max(64, init_size[1] // 8 * 8)
     ratio = request.aspect_ratio or preset.aspect_ratio
     if ratio is None and init_size is not None:
         ratio = f"{init_size[0]}:{init_size[1]}"

@@ -51,3 +51,38 @@ def test_presets_list_and_show(refgen_home):
     shown = runner.invoke(app, ["presets", "show", "PORTRAIT"])
     assert shown.exit_code == 0 and "example: portrait of a red fox" in shown.output
     assert runner.invoke(app, ["presets", "show", "nope"]).exit_code == 1
+
+
+def test_control_units_parse_type_image_weight_and_window():
+    from engine.cli import _control_unit
+
+    unit = _control_unit("edge:photos/c:at.png:0.8:0.1:0.9")
+    assert (unit.type, unit.image, unit.weight, unit.start, unit.end) == ("canny", "photos/c:at.png", 0.8, 0.1, 0.9)
+    assert _control_unit("depth:room.jpg").weight == 1.0
+
+
+def test_inpainting_from_the_command_line_keeps_the_outside(refgen_home, tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)).save(tmp_path / "photo.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    result = runner.invoke(app, ["generate", "a window", "--model", "tiny", "--steps", "2", "--init", str(tmp_path / "photo.png"),
+                                 "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    (written,) = (tmp_path / "out").glob("*.png")
+    outside = mask == 0
+    assert np.array_equal(np.asarray(Image.open(written))[outside], np.asarray(Image.open(tmp_path / "photo.png"))[outside])
+
+
+def test_remix_without_controlnet_weights_says_what_to_fetch(refgen_home, tmp_path):
+    Image.new("RGB", (64, 64), (90, 120, 200)).save(tmp_path / "photo.png")
+    result = runner.invoke(app, ["remix", str(tmp_path / "photo.png"), "a bronze statue", "--model", "tiny", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "refgen weights fetch controlnet-canny-sdxl" in result.output
+
+
+def test_upscale_command_is_registered(refgen_home, tmp_path):
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(tmp_path / "small.png")
+    result = runner.invoke(app, ["upscale", str(tmp_path / "small.png"), "--model", "tiny-x2", "--out", str(tmp_path / "big.png")])
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "big.png").size == (64, 64)

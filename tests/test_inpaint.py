@@ -121,3 +121,13 @@ def test_a_mask_needs_an_init_image():
 def test_quality_mode_with_a_mask_keeps_the_image_size(engine):
     result = engine.generate(_request(steps=2, mode="quality", init_image=_init_image(64, 64, 0), mask_image=_mask()))
     assert result.images[0].size == (64, 64)
+
+
+def test_without_a_size_inpainting_keeps_the_init_images_size(engine):
+    init = _init_image(96, 72, 5)
+    mask = Image.fromarray(np.pad(np.full((24, 32), 255, np.uint8), ((24, 24), (32, 32))), mode="L")
+    request = GenerationRequest(prompt=PROMPT, steps=2, seed=1, init_image=init, mask_image=mask)
+    result = engine.generate(request)
+    assert result.images[0].size == (96, 72)
+    outside = np.asarray(mask) == 0
+    assert np.array_equal(np.asarray(result.images[0])[outside], np.asarray(init)[outside])
