@@ -83,6 +83,7 @@ def generate(
     feather: Annotated[int, typer.Option("--feather", help="Soft seam inside the mask edge, px.")] = 4,
     upscale_by: Annotated[Optional[int], typer.Option("--upscale", help="ESRGAN x2 or x4 after generation.")] = None,
     upscaler: Annotated[Optional[str], typer.Option("--upscaler", help="ESRGAN model for --upscale / ultra (manifest name or file).")] = None,
+    inpaint_unet: Annotated[Optional[str], typer.Option("--inpaint-unet", help="SDXL inpainting UNet for --mask, e.g. sdxl-inpainting.")] = None,
     model: ModelOption = "sdxl-base",
     out: OutOption = Path("out"),
     device: DeviceOption = None,
@@ -107,6 +108,8 @@ def generate(
         except ValidationError as exc:
             _fail(_validation_message(exc))
         engine = _load_engine(model, device, dtype, allow_pickle, offload, compile, vae_tiling)
+        if inpaint_unet:
+            engine.load_inpaint_unet(inpaint_unet)
         _generate_and_save(engine, request, out)
 
 
