@@ -124,21 +124,15 @@ def _control_unit(text: str):
     """'canny:edges.png:0.8:0:0.9' -> ControlUnit (weight, start and end optional)."""
     from adapters.controlnet import ControlUnit
 
+    from .request import is_number
+
     kind, _, rest = text.partition(":")
     parts = rest.rsplit(":", 3)
     numbers: list[float] = []
-    while len(parts) > 1 and _is_float(parts[-1]):
+    while len(parts) > 1 and is_number(parts[-1]):
         numbers.insert(0, float(parts.pop()))
     fields = dict(zip(("weight", "start", "end"), numbers))
     return ControlUnit(type=kind, image=":".join(parts), **fields)
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -179,15 +180,15 @@ class Engine:
         if request.init_image is not None:
             init_image = load_rgb(request.init_image, "init image")
         resolved = resolve(request, self.native_size, init_image.size if init_image else None)
+        mask = None
+        if request.mask_image is not None:  # checked before any slow preprocessing
+            mask = load_rgb(request.mask_image, "mask").convert("L")
+            inpaint.check_mask_size(mask, init_image)
+            resolved = resolved.model_copy(update={"mask_image": _image_identity(request.mask_image, mask)})
         sources = [load_rgb(unit.image, f"control image {i + 1} ({unit.type})") for i, unit in enumerate(request.controlnets)]
         records = [_control_record(unit, _image_identity(unit.image, image)) for unit, image in zip(request.controlnets, sources)]
         resolved = resolved.model_copy(update={"controlnets": records})
         units = self._prepare_controls(request.controlnets, sources)
-        mask = None
-        if request.mask_image is not None:
-            mask = load_rgb(request.mask_image, "mask").convert("L")
-            inpaint.check_mask_size(mask, init_image)
-            resolved = resolved.model_copy(update={"mask_image": _image_identity(request.mask_image, mask)})
         init_info = _image_identity(request.init_image, init_image)
         return self._run(_Job(resolved, _request_record(request), init_image, init_info, units, mask, on_step))
 
@@ -247,17 +248,14 @@ class Engine:
             pixels = self._refine(cond, job, generators, pixels)
         if resolved.upscale:
             pixels = self._upscale(resolved, pixels)
-        size = (pixels.shape[2], pixels.shape[1])
-        versions = package_versions()  # once per request: importlib.metadata lookups are not free
-        metadata = [
-            build_metadata(
-                request=job.request, resolved=resolved.model_dump(mode="json"), index=index, size=size,
-                model={**self._model_record(), "upscalers": self._upscaler_records(resolved)}, loras=lora_identities, init_image=job.init_info,
-                scheduler=self._scheduler_record(resolved.scheduler), device=self._device_record(),
-                versions=versions,
-            )
-            for index in range(len(resolved.seeds))
-        ]
+        shared = dict(  # the same for every image of the request: built once
+            request=job.request, resolved=resolved.model_dump(mode="json"), size=(pixels.shape[2], pixels.shape[1]),
+            model={**self._model_record(), "upscalers": self._upscaler_records(resolved)}, loras=lora_identities,
+            init_image=job.init_info, scheduler=self._scheduler_record(resolved.scheduler), device=self._device_record(),
+            versions=package_versions(),
+        )
+        # Each image gets its own copy, so editing one image's metadata never changes another's.
+        metadata = [build_metadata(index=index, **copy.deepcopy(shared)) for index in range(len(resolved.seeds))]
         return GenerationResult(vae_ops.pixels_to_pil(pixels), list(resolved.seeds), metadata, pixels)
 
     def _sample(self, cond: Conditioning, resolved: ResolvedRequest, generators, init_pixels, denoise_strength, on_step, phase,

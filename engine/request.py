@@ -31,12 +31,12 @@ class LoraSpec(BaseModel):
     def parse(cls, text: str) -> "LoraSpec":
         """'path/to/file.safetensors:0.8' (weight optional) -> LoraSpec."""
         path, sep, weight = text.rpartition(":")
-        if sep and path and _is_number(weight):
+        if sep and path and is_number(weight):
             return cls(path=path, weight=float(weight))
         return cls(path=text)
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
     try:
         float(text)
         return True
