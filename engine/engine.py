@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 
 from adapters import inpaint
 from adapters.controlnet import ControlNetLibrary, ControlUnit, build_guidance
+from adapters.ip_adapter import IPAdapters, Reference
 from adapters.preprocess import Preprocessors, is_preprocessed
 from adapters.upscale import Upscaler
 
@@ -93,6 +94,7 @@ class _Job:
     init_info: Optional[dict] = None
     control_units: tuple[ControlUnit, ...] = ()  # with their prepared (preprocessed) control images
     mask: Optional[Image.Image] = None  # inpainting, same size as init_image
+    references: tuple[Reference, ...] = ()  # style/content references with their images loaded
     on_step: Optional[StepCallback] = field(default=None, compare=False)
 
 
@@ -108,6 +110,7 @@ class Engine:
         self.preprocessors = Preprocessors(device=device, allow_pickle=allow_pickle)  # photo -> control image, cached
         self.inpaint_unet = None  # a 9-channel SDXL inpainting UNet, see load_inpaint_unet
         self._upscalers: dict = {}  # ESRGAN models by reference, for upscale= and ultra mode
+        self.ip_adapters = IPAdapters(pipe, device, dtype)  # Style / Content Reference
         self._loras = LoraSet(pipe, allow_pickle)
         if model.notice:
             log.warning(model.notice)
@@ -189,8 +192,13 @@ class Engine:
         records = [_control_record(unit, _image_identity(unit.image, image)) for unit, image in zip(request.controlnets, sources)]
         resolved = resolved.model_copy(update={"controlnets": records})
         units = self._prepare_controls(request.controlnets, sources)
+        pictures = [load_rgb(ref.image, f"{ref.kind} reference {i + 1}") for i, ref in enumerate(request.references)]
+        resolved = resolved.model_copy(update={"references": [
+            _control_record(ref, _image_identity(ref.image, picture)) for ref, picture in zip(request.references, pictures)
+        ]})
+        references = tuple(ref.model_copy(update={"image": picture}) for ref, picture in zip(request.references, pictures))
         init_info = _image_identity(request.init_image, init_image)
-        return self._run(_Job(resolved, _request_record(request), init_image, init_info, units, mask, on_step))
+        return self._run(_Job(resolved, _request_record(request), init_image, init_info, units, mask, references, on_step))
 
     def replay(self, image_path: Union[str, Path], init_image: Optional[Union[str, Path]] = None) -> GenerationResult:
         """Regenerate a refgen PNG from its metadata (bit-identical on the same device and dtype).
@@ -211,7 +219,11 @@ class Engine:
         mask = None
         if resolved.mask_image is not None:
             mask = _replay_image(resolved.mask_image, None, "mask")[0].convert("L")
-        result = self._run(_Job(resolved, meta["request"], init, init_info, prepared, mask))
+        references = tuple(
+            Reference(**{**record, "image": _replay_image(record["image"], None, f"{record['kind']} reference {i + 1}")[0]})
+            for i, record in enumerate(resolved.references)
+        )
+        result = self._run(_Job(resolved, meta["request"], init, init_info, prepared, mask, references))
         return result.pick(meta["image"]["index"])
 
     def _prepare_controls(self, units, sources: list[Image.Image]) -> tuple[ControlUnit, ...]:
@@ -232,7 +244,9 @@ class Engine:
             self.pipe, resolved.prompt, resolved.negative_prompt, len(resolved.seeds),
             resolved.width, resolved.height, resolved.guidance_scale, self.device,
         )
-        cond = self._with_controls(cond, job, resolved.width, resolved.height)
+        reference_guidance = self.ip_adapters.guidance(list(job.references), len(resolved.seeds), cond.guided)
+        cond = replace(cond, contributions=(reference_guidance,) if reference_guidance else ())  # any size
+        base_cond = self._with_controls(cond, job, resolved.width, resolved.height)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in resolved.seeds]
         init_pixels, mask, init_fitted = None, None, None
         if job.init_image is not None:
@@ -240,7 +254,7 @@ class Engine:
             init_pixels = vae_ops.pil_to_tensor([init_fitted])
         if job.mask is not None:
             mask = _fit(job.mask, resolved.width, resolved.height)  # the same crop as the init image
-        latents = self._sample(cond, resolved, generators, init_pixels, resolved.denoise, job.on_step, "base", mask)
+        latents = self._sample(base_cond, resolved, generators, init_pixels, resolved.denoise, job.on_step, "base", mask)
         pixels = vae_ops.decode(self.pipe.vae, latents)
         if mask is not None:
             pixels = inpaint.composite(pixels, init_fitted, mask, resolved.mask_feather)
@@ -315,7 +329,7 @@ class Engine:
         """The conditioning with this request's adapter contributions at the given output size."""
         units = list(job.control_units)
         guidance = build_guidance(self.controlnets, units, [u.image for u in units], width, height, len(job.resolved.seeds), cond.guided)
-        return replace(cond, contributions=() if guidance is None else (guidance,))
+        return cond if guidance is None else replace(cond, contributions=cond.contributions + (guidance,))
 
     def _refine(self, cond, job: _Job, generators, pixels: np.ndarray) -> np.ndarray:
         """Quality/ultra: upsample, then denoise lightly again so detail is added at the new size.
@@ -416,12 +430,13 @@ def _has_xformers() -> bool:
 
 def _request_record(request: GenerationRequest) -> dict:
     """The request as given, JSON-safe: image inputs become their path (or a marker when in memory)."""
-    record = request.model_dump(mode="json", exclude={"init_image", "mask_image", "controlnets"})
+    record = request.model_dump(mode="json", exclude={"init_image", "mask_image", "controlnets", "references"})
     record["init_image"] = _source_label(request.init_image)
     record["mask_image"] = _source_label(request.mask_image)
-    record["controlnets"] = [
-        {**unit.model_dump(mode="json", exclude={"image"}), "image": _source_label(unit.image)} for unit in request.controlnets
-    ]
+    for name in ("controlnets", "references"):
+        record[name] = [
+            {**item.model_dump(mode="json", exclude={"image"}), "image": _source_label(item.image)} for item in getattr(request, name)
+        ]
     return record
 
 
@@ -442,9 +457,9 @@ def _image_identity(source: Any, image: Optional[Image.Image]) -> Optional[dict]
     return {"path": None, "sha256": hashlib.sha256(image.tobytes()).hexdigest(), "hash_of": "rgb pixels"}
 
 
-def _control_record(unit: ControlUnit, identity: dict) -> dict:
-    """A control unit as provenance: its settings and its image's identity (path + sha256)."""
-    return {**unit.model_dump(mode="json", exclude={"image"}), "image": identity}
+def _control_record(item: Union[ControlUnit, Reference], identity: dict) -> dict:
+    """A control unit or reference as provenance: its settings and its image's identity (path + sha256)."""
+    return {**item.model_dump(mode="json", exclude={"image"}), "image": identity}
 
 
 def _replay_image(info: dict, override: Optional[Union[str, Path]], what: str) -> tuple[Image.Image, dict]:

@@ -10,6 +10,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adapters.controlnet import ControlUnit
+from adapters.ip_adapter import Reference
 
 from . import presets as preset_lib
 from . import schedulers
@@ -67,6 +68,7 @@ class GenerationRequest(BaseModel):
     mask_feather: int = Field(default=4, ge=0, le=64)  # px of soft seam, inside the mask only
     loras: list[LoraSpec] = Field(default_factory=list, max_length=16)
     controlnets: list[ControlUnit] = Field(default_factory=list, max_length=8)
+    references: list[Reference] = Field(default_factory=list, max_length=8)  # Style / Content Reference
     upscale: Optional[Literal[2, 4]] = None  # ESRGAN after generation (ultra mode refines instead)
     upscaler: Optional[str] = None  # ESRGAN model for upscale/ultra (default: realesrgan-x{2,4}plus)
 
@@ -144,6 +146,7 @@ class ResolvedRequest(BaseModel):
     loras: list[LoraSpec]
     controlnets: list[dict] = Field(default_factory=list)  # units with image identities, see Engine
     mask_image: Optional[dict] = None  # the inpainting mask's identity (path, sha256)
+    references: list[dict] = Field(default_factory=list)  # style/content references with image identities
 
     @property
     def denoise(self) -> float:

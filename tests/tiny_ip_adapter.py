@@ -1,0 +1,55 @@
+"""A tiny IP-Adapter for the tiny SDXL, saved in the published h94/IP-Adapter layout.
+
+Layout (h94/IP-Adapter, sdxl_models/ip-adapter_sdxl_vit-h.safetensors): `image_proj.proj.{weight,bias}`
+(num_tokens * cross_attention_dim x clip projection_dim), `image_proj.norm.{weight,bias}`, and
+`ip_adapter.{k}.to_k_ip.weight` / `to_v_ip.weight` (inner dim x cross_attention_dim) for every
+cross-attention layer, k = its index in `unet.attn_processors` order (odd: attn1, attn2 alternate).
+The CLIP ViT-H image encoder sits in models/image_encoder as a CLIPVisionModelWithProjection.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+NUM_TOKENS = 4
+
+
+def build_tiny_image_encoder(seed: int = 20):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=24)
+    return CLIPVisionModelWithProjection(config).eval()
+
+
+def tiny_ip_adapter_state_dict(unet, clip_dim: int, seed: int = 21) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    state = {
+        "image_proj.proj.weight": torch.randn(NUM_TOKENS * cross, clip_dim, generator=generator) * 0.2,
+        "image_proj.proj.bias": torch.randn(NUM_TOKENS * cross, generator=generator) * 0.05,
+        "image_proj.norm.weight": 1 + 0.1 * torch.randn(cross, generator=generator),
+        "image_proj.norm.bias": 0.1 * torch.randn(cross, generator=generator),
+    }
+    for index, name in enumerate(unet.attn_processors):
+        if name.endswith("attn2.processor"):
+            attention = unet.get_submodule(name[: -len(".processor")])
+            inner = attention.to_k.out_features
+            state[f"ip_adapter.{index}.to_k_ip.weight"] = torch.randn(inner, cross, generator=generator) * 0.3
+            state[f"ip_adapter.{index}.to_v_ip.weight"] = torch.randn(inner, cross, generator=generator) * 0.3
+    return state
+
+
+def save_tiny_ip_adapter(unet, root: Path) -> Path:
+    """root/sdxl_models/ip-adapter_sdxl_vit-h.safetensors + root/models/image_encoder, like the published repo."""
+    from safetensors.torch import save_file
+
+    encoder = build_tiny_image_encoder()
+    encoder.save_pretrained(root / "models" / "image_encoder", safe_serialization=True)
+    (root / "sdxl_models").mkdir(parents=True, exist_ok=True)
+    state = tiny_ip_adapter_state_dict(unet, encoder.config.projection_dim)
+    save_file(state, root / "sdxl_models" / "ip-adapter_sdxl_vit-h.safetensors")
+    return root
