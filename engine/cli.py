@@ -79,6 +79,8 @@ def generate(
     init_strength: Annotated[Optional[float], typer.Option("--init-strength", help="0.1-0.9; higher = closer to the init image.")] = None,
     lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file, optionally :weight (repeatable).")] = None,
     control: Annotated[Optional[list[str]], typer.Option("--control", help="ControlNet unit TYPE:IMAGE[:WEIGHT[:START:END]], e.g. canny:photo.jpg:0.8 (repeatable).")] = None,
+    style: Annotated[Optional[list[str]], typer.Option("--style", help="Style Reference IMAGE[:WEIGHT 0-2 or Low..Max[:INFLUENCE]] (repeatable).")] = None,
+    content: Annotated[Optional[str], typer.Option("--content", help="Content Reference IMAGE[:WEIGHT or Low..Max].")] = None,
     mask: Annotated[Optional[Path], typer.Option("--mask", help="Inpainting mask (white = repaint), same size as --init.", dir_okay=False)] = None,
     feather: Annotated[int, typer.Option("--feather", help="Soft seam inside the mask edge, px.")] = 4,
     upscale_by: Annotated[Optional[int], typer.Option("--upscale", help="ESRGAN x2 or x4 after generation.")] = None,
@@ -104,6 +106,7 @@ def generate(
                 preset=preset, init_image=init, init_strength=init_strength, loras=lora or [],
                 controlnets=[_control_unit(text) for text in control or []], mask_image=mask, mask_feather=feather,
                 upscale=upscale_by, upscaler=upscaler,
+                references=[_reference("style", text) for text in style or []] + ([_reference("content", content)] if content else []),
             )
         except ValidationError as exc:
             _fail(_validation_message(exc))
@@ -133,6 +136,23 @@ def _control_unit(text: str):
         numbers.insert(0, float(parts.pop()))
     fields = dict(zip(("weight", "start", "end"), numbers))
     return ControlUnit(type=kind, image=":".join(parts), **fields)
+
+
+def _reference(kind: str, text: str):
+    """'ink.png:High:2' / 'ink.png:0.8' / 'ink.png' -> Reference."""
+    from adapters.ip_adapter import STRENGTH_WEIGHTS, Reference
+
+    from .request import is_number
+
+    parts = text.split(":")
+    fields: dict = {}
+    if len(parts) >= 3 and is_number(parts[-1]) and (parts[-2] in STRENGTH_WEIGHTS or is_number(parts[-2])):
+        fields["influence"] = float(parts.pop())
+    if len(parts) >= 2 and parts[-1] in STRENGTH_WEIGHTS:
+        fields["strength_type"] = parts.pop()
+    elif len(parts) >= 2 and is_number(parts[-1]):
+        fields["weight"] = float(parts.pop())
+    return Reference(kind=kind, image=":".join(parts), **fields)
 
 
 @app.command()

@@ -86,3 +86,13 @@ def test_upscale_command_is_registered(refgen_home, tmp_path):
     result = runner.invoke(app, ["upscale", str(tmp_path / "small.png"), "--model", "tiny-x2", "--out", str(tmp_path / "big.png")])
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "big.png").size == (64, 64)
+
+
+def test_style_and_content_references_parse_weight_strength_and_influence():
+    from engine.cli import _reference
+
+    assert _reference("style", "ink.png").model_dump(exclude={"image"}) == {
+        "kind": "style", "weight": None, "strength_type": None, "influence": 1.0}
+    high = _reference("style", "art/c:ink.png:High:2")
+    assert (high.image, high.strength_type, high.influence) == ("art/c:ink.png", "High", 2.0)
+    assert _reference("content", "layout.png:0.7").weight == 0.7
