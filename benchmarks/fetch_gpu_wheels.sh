@@ -21,6 +21,7 @@ packages=(
   annotated-types==0.8.0
   typing-inspection==0.4.5
   typing-extensions==4.16.0  # pydantic 2.14 needs >= 4.16 (the image's may be older)
+  spandrel==0.4.2            # adapters.upscale (bench_guidance.py's ESRGAN part); torchvision, einops are on the image
 )
 "$python" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \

@@ -3,8 +3,11 @@
 # from the repository root, with the wheels of benchmarks/fetch_gpu_wheels.sh carried in .whl/.
 # Extra arguments go to bench_generate.py (e.g. --runs 7 --batches 1). Results and the log are
 # copied to $OUT (the device tool brings them back); see benchmarks/README.md.
+# BENCH=guidance runs bench_guidance.py's gpu-sdxl profile instead (ControlNet cost and ESRGAN x4;
+# extra arguments go to it, e.g. --parts esrgan); it needs spandrel among the carried wheels.
 set -uo pipefail
 out="${OUT:-/tmp/bench-out}"
+bench="${BENCH:-generate}"
 mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -13,6 +16,14 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
 python3 -c "import torch, diffusers, transformers, pydantic; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'pydantic', pydantic.__version__, torch.cuda.get_device_name())" || exit 1
+if [ "$bench" = guidance ]; then
+  python3 -c "import spandrel; print('spandrel', spandrel.__version__)" || exit 1
+  python3 benchmarks/bench_guidance.py --dry-run || exit 1
+  python3 benchmarks/bench_guidance.py --profile gpu-sdxl "$@" 2>&1 | tee "$out/guidance-gpu-sdxl.log"
+  status=${PIPESTATUS[0]}
+  cp benchmarks/results/controlnet-gpu-sdxl*.json benchmarks/results/esrgan-gpu-sdxl*.json "$out/" 2>/dev/null
+  exit "$status"
+fi
 python3 benchmarks/bench_generate.py --dry-run || exit 1
 python3 benchmarks/bench_generate.py --profile gpu-sdxl "$@" 2>&1 | tee "$out/gpu-sdxl.log"
 status=${PIPESTATUS[0]}
