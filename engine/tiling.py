@@ -55,6 +55,21 @@ def _blend_ramp(starts: list[int], size: int, index: int, scale: int) -> torch.T
     return ramp
 
 
+def balanced_tile(length: int, tile: int, overlap: int, align: int = 1) -> int:
+    """The smallest tile (at most `tile`) that covers `length` with as many tiles as `tile` needs.
+
+    A 1024-px side in 512-px tiles needs 3 tiles; at full size they would process 1.5x the side,
+    at 363 px the same 3 tiles cover it with the same overlap (half the work for ESRGAN).
+    """
+    if length <= tile:
+        return length
+    count = len(tile_starts(length, tile, overlap, align))
+    candidate = math.ceil(math.ceil((length + (count - 1) * overlap) / count) / align) * align
+    while candidate < tile and len(tile_starts(length, candidate, overlap, align)) > count:
+        candidate += align  # aligned starts need a little slack
+    return min(tile, candidate)
+
+
 def blend_tiles(
     x: torch.Tensor,
     tile: tuple[int, int],
@@ -66,7 +81,7 @@ def blend_tiles(
 ) -> torch.Tensor:
     """`run` over overlapping (tile_h, tile_w) tiles of x (B, C, H, W), blended into (B, C', H*scale, W*scale)."""
     batch, _, height, width = x.shape
-    tile_h, tile_w = tile
+    tile_h, tile_w = balanced_tile(height, tile[0], overlap, align), balanced_tile(width, tile[1], overlap, align)
     ys, xs = tile_starts(height, tile_h, overlap, align), tile_starts(width, tile_w, overlap, align)
     if len(ys) == 1 and len(xs) == 1:
         result = run(x)
