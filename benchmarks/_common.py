@@ -132,6 +132,15 @@ class Side:
         }
 
 
+def gpu_missing(device: torch.device) -> bool:
+    """True (after saying so) when a profile wants CUDA on a machine without it."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("this profile needs a CUDA GPU (torch.cuda.is_available() is False); see benchmarks/README.md, "
+              "or --dry-run to check the full-size build on meta", file=sys.stderr)
+        return True
+    return False
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

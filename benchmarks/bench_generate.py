@@ -33,7 +33,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 # Puts ROOT on sys.path, sets HF_HUB_OFFLINE=1 and the warning filters.
-from _common import CpuPeak, Side, environment, update_results  # noqa: E402
+from _common import CpuPeak, Side, environment, gpu_missing, update_results  # noqa: E402
 from _common import gib as _gib, mib as _mib, sync as _sync, timed as _timed  # noqa: E402,F401
 
 import torch  # noqa: E402
@@ -383,9 +383,7 @@ def main(argv=None) -> int:
         overrides.append("batch" + "+".join(map(str, profile.batches)))
     label = "-".join([profile.name, *overrides])
     device, dtype = pick_device(profile.device, profile.dtype)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("this profile needs a CUDA GPU (torch.cuda.is_available() is False); "
-              "see benchmarks/README.md, or --dry-run to check the full-size build on meta", file=sys.stderr)
+    if gpu_missing(device):
         return 2
 
     def log(message: str) -> None:

@@ -40,7 +40,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 # _common puts the repository root on sys.path and sets HF_HUB_OFFLINE=1 and the warning filters.
-from _common import ROOT, CpuPeak, Side, environment, gib, mib, sync, timed, update_results  # noqa: E402
+from _common import ROOT, CpuPeak, Side, environment, gib, gpu_missing, mib, sync, timed, update_results  # noqa: E402
 
 import bench_generate as bg  # noqa: E402  (build(), PROMPT, parameter_counts())
 import numpy as np  # noqa: E402
@@ -772,9 +772,7 @@ def main(argv=None) -> int:
         overrides.append(f"size{profile.width}")
     label = "-".join([profile.name, *overrides])
     device, dtype = pick_device(profile.device, profile.dtype)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("this profile needs a CUDA GPU (torch.cuda.is_available() is False); see benchmarks/README.md, "
-              "or --dry-run to check the full-size build on meta", file=sys.stderr)
+    if gpu_missing(device):
         return 2
     command = ("python benchmarks/bench_guidance.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
