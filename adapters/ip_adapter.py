@@ -46,7 +46,12 @@ STRENGTH_WEIGHTS: dict[str, float] = {"Low": 0.2, "Mid": 0.6, "High": 1.0, "Ultr
 DEFAULT_WEIGHT = STRENGTH_WEIGHTS["High"]
 
 IP_ADAPTER_ENTRY = "ip-adapter-sdxl"
-WEIGHT_FILE = "sdxl_models/ip-adapter_sdxl_vit-h.safetensors"
+# The published variants: `vit-h` projects the CLIP image embedding to 4 tokens; `plus` resamples the
+# encoder's penultimate hidden states to 16 tokens (more detail carried over, stronger likeness).
+WEIGHT_FILES = {
+    "vit-h": "sdxl_models/ip-adapter_sdxl_vit-h.safetensors",
+    "plus": "sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors",
+}
 IMAGE_ENCODER_FOLDER = "models/image_encoder"
 KINDS = ("style", "content")
 
@@ -104,9 +109,11 @@ class IPAdapters:
     """The IP-Adapter instances of an engine: loaded for the kinds a request uses, unloaded otherwise."""
 
     def __init__(self, pipe, device, dtype, reference: Union[str, Path] = IP_ADAPTER_ENTRY,
-                 weight_file: str = WEIGHT_FILE, image_encoder_folder: str = IMAGE_ENCODER_FOLDER, cache_size: int = 64):
+                 variant: Literal["vit-h", "plus"] = "vit-h", image_encoder_folder: str = IMAGE_ENCODER_FOLDER,
+                 cache_size: int = 64):
         self._pipe, self._device, self._dtype = pipe, device, dtype
-        self._reference, self._weight_file, self._encoder_folder = str(reference), weight_file, image_encoder_folder
+        self._reference, self._encoder_folder = str(reference), image_encoder_folder
+        self._weight_file, self._hidden_states = WEIGHT_FILES[variant], variant == "plus"
         self._loaded: tuple[str, ...] = ()
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cache_size = cache_size
@@ -159,12 +166,13 @@ class IPAdapters:
     def _encode(self, image) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP image embedding and its unconditional counterpart, cached by content hash + encoder."""
         picture = load_rgb(image, "reference image")
-        key = hashlib.sha256(picture.tobytes() + repr(picture.size).encode() + self._reference.encode()).hexdigest()
+        identity = f"{picture.size}|{self._reference}|{self._weight_file}".encode()
+        key = hashlib.sha256(picture.tobytes() + identity).hexdigest()
         if key not in self._cache:
             with torch.inference_mode():
-                positive, negative = self._pipe.encode_image(picture, self._device, 1, output_hidden_states=False)
+                positive, negative = self._pipe.encode_image(picture, self._device, 1, output_hidden_states=self._hidden_states)
             self.encoder_runs += 1
-            self._cache[key] = (positive, negative)  # (1, D) each
+            self._cache[key] = (positive, negative)  # (1, D) each; plus: (1, tokens, D)
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)

@@ -101,7 +101,8 @@ class _Job:
 class Engine:
     """One loaded SDXL model. Not thread-safe: use one Engine per worker."""
 
-    def __init__(self, pipe, model: ModelInfo, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False):
+    def __init__(self, pipe, model: ModelInfo, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False,
+                 ip_adapter: str = "vit-h"):
         self.pipe = pipe
         self.model = model
         self.device = device
@@ -110,7 +111,7 @@ class Engine:
         self.preprocessors = Preprocessors(device=device, allow_pickle=allow_pickle)  # photo -> control image, cached
         self.inpaint_unet = None  # a 9-channel SDXL inpainting UNet, see load_inpaint_unet
         self._upscalers: dict = {}  # ESRGAN models by reference, for upscale= and ultra mode
-        self.ip_adapters = IPAdapters(pipe, device, dtype)  # Style / Content Reference
+        self.ip_adapters = IPAdapters(pipe, device, dtype, variant=ip_adapter)  # Style / Content Reference
         self._loras = LoraSet(pipe, allow_pickle)
         if model.notice:
             log.warning(model.notice)
@@ -128,12 +129,14 @@ class Engine:
         offload: bool = False,
         vae_tiling: bool = False,
         single_file_config: Optional[Path] = None,
+        ip_adapter: str = "vit-h",
     ) -> "Engine":
         """Load a model by manifest name, folder, cached repo id, single file or `tiny`.
 
         attention: auto | sdpa | xformers. compile: torch.compile the UNet (slow first call).
         offload: keep weights on the CPU and move each model to the GPU only while it runs (small GPUs).
         vae_tiling: VAE in tiles and one image at a time (large images or batches on small GPUs).
+        ip_adapter: the IP-Adapter for Style/Content Reference: "vit-h" or "plus" (stronger likeness).
         """
         device, dtype = pick_device(device, dtype)
         pipe, info = load_pipeline(str(model), dtype, allow_pickle, single_file_config)
@@ -152,7 +155,7 @@ class Engine:
         if compile:
             pipe.unet.compile(mode="max-autotune-no-cudagraphs")
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, info, device, dtype, allow_pickle)
+        return cls(pipe, info, device, dtype, allow_pickle, ip_adapter)
 
     def load_inpaint_unet(self, reference: Union[str, Path]) -> None:
         """Use an SDXL inpainting UNet (9 input channels) for masked requests: a manifest name

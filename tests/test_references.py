@@ -130,3 +130,29 @@ def test_strength_buckets_map_to_documented_weights():
 def test_missing_ip_adapter_weights_name_the_fetch_command(engine):
     with pytest.raises(WeightsMissingError, match="refgen weights fetch ip-adapter-sdxl"):
         engine.generate(_request(references=[Reference(kind="style", image=_picture(0))]))
+
+
+@pytest.mark.parametrize("kind", ["style", "content"])
+def test_the_plus_layout_matches_diffusers(tiny_model_dir, ip_root, kind):
+    """ip-adapter-plus_sdxl_vit-h: a Resampler over the encoder's hidden states (tiny, published key layout)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from tiny_ip_adapter import save_tiny_ip_adapter_plus
+
+    save_tiny_ip_adapter_plus(UNet2DConditionModel.from_pretrained(str(tiny_model_dir), subfolder="unet"), ip_root)
+    engine = Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32")
+    engine.ip_adapters = IPAdapters(engine.pipe, engine.device, engine.dtype, reference=ip_root, variant="plus")
+    picture = _picture(9)
+    ours = engine.generate(_request(num_images=2, references=[Reference(kind=kind, image=picture, weight=1.5)])).pixels
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(ip_root), subfolder="sdxl_models", weight_name="ip-adapter-plus_sdxl_vit-h.safetensors",
+                         image_encoder_folder="models/image_encoder", local_files_only=True)
+    pipe.set_ip_adapter_scale(block_scales(pipe.unet, kind, 1.5))
+    pipe.scheduler = _diffusers_scheduler("euler", tiny_model_dir)
+    theirs = pipe(prompt="a lighthouse", width=64, height=64, num_inference_steps=4, guidance_scale=5.0, ip_adapter_image=picture,
+                  num_images_per_prompt=2, generator=generators(6, 2), output_type="np").images
+    assert _max_diff(ours, theirs) <= TOLERANCE
+    plain = engine.generate(_request(num_images=2)).pixels
+    assert np.abs(ours - plain).max() > 1e-3

@@ -53,3 +53,51 @@ def save_tiny_ip_adapter(unet, root: Path) -> Path:
     state = tiny_ip_adapter_state_dict(unet, encoder.config.projection_dim)
     save_file(state, root / "sdxl_models" / "ip-adapter_sdxl_vit-h.safetensors")
     return root
+
+
+def tiny_ip_adapter_plus_state_dict(unet, clip_hidden: int, seed: int = 22, dim: int = 64, queries: int = 4) -> dict[str, torch.Tensor]:
+    """The published ip-adapter-plus_sdxl_vit-h layout (tencent-ailab IP-Adapter's Resampler), shrunk.
+
+    `image_proj.latents` (1, queries, dim), `proj_in`, `proj_out`, `norm_out`, and 4 layers of
+    [PerceiverAttention: norm1, norm2, to_q, to_kv, to_out (64-wide heads, no biases),
+     FeedForward: 0 = LayerNorm, 1 and 3 = Linear (no biases), 4x wide]; the ip_adapter.* keys as
+    in the plain layout. Sizes of SDXL plus: dim 1280, 20 heads, 16 queries, CLIP hidden 1280, out 2048.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+
+    def rand(*shape, std=0.2):
+        return torch.randn(*shape, generator=generator) * std
+
+    state = {
+        "image_proj.latents": rand(1, queries, dim, std=1.0),
+        "image_proj.proj_in.weight": rand(dim, clip_hidden), "image_proj.proj_in.bias": rand(dim, std=0.05),
+        "image_proj.proj_out.weight": rand(cross, dim), "image_proj.proj_out.bias": rand(cross, std=0.05),
+        "image_proj.norm_out.weight": 1 + rand(cross, std=0.1), "image_proj.norm_out.bias": rand(cross, std=0.1),
+    }
+    for layer in range(4):
+        prefix = f"image_proj.layers.{layer}"
+        for norm in ("norm1", "norm2"):
+            state[f"{prefix}.0.{norm}.weight"] = 1 + rand(dim, std=0.1)
+            state[f"{prefix}.0.{norm}.bias"] = rand(dim, std=0.1)
+        state[f"{prefix}.0.to_q.weight"] = rand(dim, dim)
+        state[f"{prefix}.0.to_kv.weight"] = rand(2 * dim, dim)
+        state[f"{prefix}.0.to_out.weight"] = rand(dim, dim)
+        state[f"{prefix}.1.0.weight"] = 1 + rand(dim, std=0.1)
+        state[f"{prefix}.1.0.bias"] = rand(dim, std=0.1)
+        state[f"{prefix}.1.1.weight"] = rand(4 * dim, dim)
+        state[f"{prefix}.1.3.weight"] = rand(dim, 4 * dim)
+    plain = tiny_ip_adapter_state_dict(unet, clip_dim=1, seed=seed + 1)
+    state.update({key: value for key, value in plain.items() if key.startswith("ip_adapter.")})
+    return state
+
+
+def save_tiny_ip_adapter_plus(unet, root: Path) -> Path:
+    """Adds sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors beside the plain one (same image encoder)."""
+    from safetensors.torch import save_file
+
+    from transformers import CLIPVisionConfig
+
+    hidden = CLIPVisionConfig.from_pretrained(root / "models" / "image_encoder").hidden_size
+    save_file(tiny_ip_adapter_plus_state_dict(unet, hidden), root / "sdxl_models" / "ip-adapter-plus_sdxl_vit-h.safetensors")
+    return root
