@@ -39,7 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.conditioning import Guidance
 from engine.errors import RefgenError
-from engine.images import load_rgb
+from engine import paths
+from engine.hashing import cached_sha256
+from engine.images import load_rgb, write_atomic
 
 StrengthType = Literal["Low", "Mid", "High", "Ultra", "Max"]
 STRENGTH_WEIGHTS: dict[str, float] = {"Low": 0.2, "Mid": 0.6, "High": 1.0, "Ultra": 1.4, "Max": 1.8}
@@ -164,19 +166,41 @@ class IPAdapters:
         return positive, encoded[0][1]
 
     def _encode(self, image) -> tuple[torch.Tensor, torch.Tensor]:
-        """CLIP image embedding and its unconditional counterpart, cached by content hash + encoder."""
+        """CLIP image embedding and its unconditional counterpart, cached by image content + encoder
+        identity (the encoder file's sha256 and which output is used), in memory and on disk."""
         picture = load_rgb(image, "reference image")
-        identity = f"{picture.size}|{self._reference}|{self._weight_file}".encode()
-        key = hashlib.sha256(picture.tobytes() + identity).hexdigest()
+        key = hashlib.sha256(picture.tobytes() + f"{picture.size}|{self._encoder_identity()}".encode()).hexdigest()
         if key not in self._cache:
-            with torch.inference_mode():
-                positive, negative = self._pipe.encode_image(picture, self._device, 1, output_hidden_states=self._hidden_states)
-            self.encoder_runs += 1
-            self._cache[key] = (positive, negative)  # (1, D) each; plus: (1, tokens, D)
+            self._cache[key] = self._from_disk(key) or self._run_encoder(picture, key)
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
         return self._cache[key]
+
+    def _encoder_identity(self) -> str:
+        encoder = self._folder() / self._encoder_folder / "model.safetensors"
+        digest = cached_sha256(encoder) if encoder.is_file() else self._reference
+        return f"{digest}|hidden_states={self._hidden_states}"
+
+    def _run_encoder(self, picture: Image.Image, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        from safetensors.torch import save
+
+        with torch.inference_mode():
+            positive, negative = self._pipe.encode_image(picture, self._device, 1, output_hidden_states=self._hidden_states)
+        self.encoder_runs += 1
+        tensors = {"positive": positive.float().cpu().contiguous(), "negative": negative.float().cpu().contiguous()}
+        write_atomic(paths.cache_dir() / "references" / f"{key}.safetensors", save(tensors))
+        return positive, negative  # (1, D) each; plus: (1, tokens, D)
+
+    def _from_disk(self, key: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        from safetensors.torch import load_file
+
+        file = paths.cache_dir() / "references" / f"{key}.safetensors"
+        try:
+            tensors = load_file(str(file))
+        except (OSError, ValueError, RuntimeError):
+            return None  # absent or damaged: encode again
+        return tensors["positive"].to(self._device, self._dtype), tensors["negative"].to(self._device, self._dtype)
 
 
 def _weighted_scale(references: list[Reference]) -> float:

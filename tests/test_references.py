@@ -99,12 +99,16 @@ def test_only_the_ratio_of_style_influences_matters(ref_engine):
     assert np.abs(styled(1, 1) - styled(1, 3)).max() > 1e-4
 
 
-def test_a_repeated_reference_skips_its_encoder(ref_engine):
+def test_a_repeated_reference_skips_its_encoder_even_in_a_new_engine(ref_engine, tiny_model_dir, ip_root):
     picture = _picture(7)
     before = ref_engine.ip_adapters.encoder_runs
-    for _ in range(2):
-        ref_engine.generate(_request(references=[Reference(kind="style", image=picture)]))
+    first = [ref_engine.generate(_request(references=[Reference(kind="style", image=picture)])).pixels for _ in range(2)]
     assert ref_engine.ip_adapters.encoder_runs == before + 1
+    fresh = Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32")
+    fresh.ip_adapters = IPAdapters(fresh.pipe, fresh.device, fresh.dtype, reference=ip_root)
+    again = fresh.generate(_request(references=[Reference(kind="style", image=picture)])).pixels
+    assert fresh.ip_adapters.encoder_runs == 0  # read from the disk cache
+    assert np.array_equal(again, first[0])
 
 
 def test_references_are_recorded_and_replayed(ref_engine, tmp_path):
