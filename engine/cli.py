@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .cli_character import character_app
 from .cli_upscale import upscale
 from .cli_weights import _fail, _refgen_errors, weights_app
 
@@ -19,6 +20,7 @@ app = typer.Typer(help="refgen: local SDXL image generation with references, rep
 presets_app = typer.Typer(help="Built-in and user presets.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
 app.add_typer(presets_app, name="presets")
+app.add_typer(character_app, name="character")
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Manifest name, diffusers folder, cached repo id, .safetensors file, or 'tiny'.")]
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:1, cpu (default: cuda if available).")]

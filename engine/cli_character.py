@@ -1,0 +1,119 @@
+"""`refgen character create NAME IMAGE... --anchor TEXT | list | show NAME | delete NAME`.
+
+Mounted by the main CLI with `app.add_typer(character_app, name="character")`. Profiles live in
+$REFGEN_HOME/characters (see adapters/characters.py). Errors refgen raises on purpose become one red
+line and exit code 1 (`_refgen_errors`), never a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .cli_weights import _refgen_errors
+
+character_app = typer.Typer(
+    help="Character profiles: a named face identity (3-5 anchor photos + an identity anchor string).",
+    no_args_is_help=True,
+)
+
+NameArgument = Annotated[str, typer.Argument(help="Character name: letters, digits, spaces, '-' or '_' (max 64).")]
+
+
+def _store():
+    from adapters.characters import CharacterStore
+
+    return CharacterStore()
+
+
+@character_app.command("create")
+def create_character(
+    name: NameArgument,
+    images: Annotated[list[Path], typer.Argument(help="1-5 anchor photos of one person (3-5 recommended).")],
+    anchor: Annotated[str, typer.Option("--anchor", help="The identity anchor string, used verbatim in prompts.")],
+    pack: Annotated[str, typer.Option("--pack", help="insightface pack: antelopev2 or buffalo_l.")] = "antelopev2",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing character of this name.")] = False,
+    device: Annotated[Optional[str], typer.Option("--device", help="cuda, cpu (default: cuda if available).")] = None,
+) -> None:
+    """Analyse the anchor photos and save the character's embeddings, face crop and anchor string."""
+    with _refgen_errors():
+        from adapters.characters import MAX_ANCHORS, CharacterError
+        from adapters.faces import FaceAnalyzer
+
+        if len(images) > MAX_ANCHORS:  # checked before the face models load
+            raise CharacterError(f"{len(images)} anchor images given; a character takes at most {MAX_ANCHORS}")
+        store = _store()
+        store.folder(name)  # validate the name before the face models load
+        analyzer = FaceAnalyzer.load(pack, device=device)
+        character = store.create(name, list(images), analyzer, anchor=anchor, overwrite=overwrite)
+    Console().print(
+        f"[green]created:[/green] {escape(character.name)} ({character.image_count} anchor image"
+        f"{'s' if character.image_count != 1 else ''}) in {escape(str(character.path))}",
+        soft_wrap=True,
+    )
+
+
+@character_app.command("list")
+def list_characters() -> None:
+    """Show every stored character."""
+    with _refgen_errors():
+        store = _store()
+        characters = store.list()
+    console = Console()
+    if not characters:
+        console.print(f"no characters in {escape(str(store.root))}; create one with: refgen character create NAME IMAGE...")
+        return
+    table = Table(title=f"characters in {store.root}")
+    table.add_column("name", no_wrap=True)
+    table.add_column("images", justify="right")
+    table.add_column("anchor", overflow="fold")
+    table.add_column("created", no_wrap=True)
+    for character in characters:
+        table.add_row(escape(character.name), str(character.image_count), escape(character.anchor), character.created)
+    console.print(table)
+
+
+@character_app.command("show")
+def show_character(name: NameArgument) -> None:
+    """Show one character's fields and where its files are."""
+    with _refgen_errors():
+        character = _store().get(name)
+    analyzer = character.analyzer
+    rows = [
+        ("name", character.name),
+        ("anchor", character.anchor),
+        ("images", str(character.image_count)),
+        ("created", character.created),
+        ("pack", str(analyzer.get("pack", "?"))),
+        ("analyzer", str(analyzer.get("identity", "?"))),
+        ("folder", str(character.path)),
+        ("face crop", str(character.face_path)),
+    ]
+    console = Console()
+    for label, value in rows:
+        console.print(f"[bold]{label:>9}:[/bold] {escape(value)}", soft_wrap=True)
+    for number, path in enumerate(character.anchor_paths, start=1):
+        console.print(f"[bold]{'anchor ' + str(number):>9}:[/bold] {escape(str(path))}", soft_wrap=True)
+
+
+@character_app.command("delete")
+def delete_character(
+    name: NameArgument,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a character's profile and its stored anchor images."""
+    with _refgen_errors():
+        store = _store()
+        character = store.get(name)  # unknown names fail before any question
+        if not yes:
+            typer.confirm(
+                f"delete character {character.name!r} and its {character.image_count} stored anchor images?",
+                abort=True,
+            )
+        store.delete(name)
+    Console().print(f"[green]deleted:[/green] {escape(character.name)}")
