@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .cli_character import character_app
+from .cli_sheet import sheet
 from .cli_upscale import upscale
 from .cli_weights import _fail, _refgen_errors, weights_app
 
@@ -251,7 +252,8 @@ def _text(value) -> str:
     return "" if value is None else escape(str(value))
 
 
-app.command()(upscale)  # defined in cli_upscale.py; registered last so `refgen --help` lists generate first
+app.command()(upscale)  # defined in cli_upscale.py / cli_sheet.py; registered last so `refgen --help` lists generate first
+app.command()(sheet)
 
 if __name__ == "__main__":
     app()
