@@ -43,7 +43,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 # _common puts the repository root on sys.path and sets HF_HUB_OFFLINE=1 and the warning filters.
-from _common import ROOT, CpuPeak, Side, environment, gpu_missing, mib, gib, sync, timed, update_results  # noqa: E402
+from _common import ROOT, CpuPeak, Side, environment, gpu_missing, mib, gib, timed, update_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -128,7 +128,7 @@ def build_engine(profile: Profile, device, dtype, seed: int, ip_root: Optional[P
 
 
 def run(profile: Profile, device, dtype, seed: int, home: Path) -> dict:
-    from adapters.ip_adapter import IPAdapters, Reference
+    from adapters.ip_adapter import Reference
     from engine import GenerationRequest
 
     start = time.perf_counter()
