@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from tiny_ip_adapter import resampler_state_dict
+
 NUM_TOKENS = 4
 DEPTH = 4
 DIM_HEAD = 64
@@ -76,24 +78,8 @@ def tiny_faceid_plusv2_state_dict(unet, clip_hidden: int, id_dim: int = 512, see
         "image_proj.norm.weight": 1 + rand(embed, std=0.1),
         "image_proj.norm.bias": rand(embed, std=0.1),
     }
-    resampler = "image_proj.perceiver_resampler"
-    state.update({
-        f"{resampler}.proj_in.weight": rand(embed, clip_hidden), f"{resampler}.proj_in.bias": rand(embed, std=0.05),
-        f"{resampler}.proj_out.weight": rand(cross, embed), f"{resampler}.proj_out.bias": rand(cross, std=0.05),
-        f"{resampler}.norm_out.weight": 1 + rand(cross, std=0.1), f"{resampler}.norm_out.bias": rand(cross, std=0.1),
-    })
-    for layer in range(DEPTH):
-        prefix = f"{resampler}.layers.{layer}"
-        for norm in ("norm1", "norm2"):
-            state[f"{prefix}.0.{norm}.weight"] = 1 + rand(embed, std=0.1)
-            state[f"{prefix}.0.{norm}.bias"] = rand(embed, std=0.1)
-        state[f"{prefix}.0.to_q.weight"] = rand(inner, embed)
-        state[f"{prefix}.0.to_kv.weight"] = rand(2 * inner, embed)
-        state[f"{prefix}.0.to_out.weight"] = rand(embed, inner)
-        state[f"{prefix}.1.0.weight"] = 1 + rand(embed, std=0.1)
-        state[f"{prefix}.1.0.bias"] = rand(embed, std=0.1)
-        state[f"{prefix}.1.1.weight"] = rand(4 * embed, embed)
-        state[f"{prefix}.1.3.weight"] = rand(embed, 4 * embed)
+    state.update(resampler_state_dict("image_proj.perceiver_resampler", rand, clip_hidden, width=embed, inner=inner,
+                                      output=cross, depth=DEPTH))
 
     for index, name in enumerate(unet.attn_processors):
         attention = _attention(unet, name)

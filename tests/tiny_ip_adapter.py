@@ -69,26 +69,34 @@ def tiny_ip_adapter_plus_state_dict(unet, clip_hidden: int, seed: int = 22, dim:
     def rand(*shape, std=0.2):
         return torch.randn(*shape, generator=generator) * std
 
-    state = {
-        "image_proj.latents": rand(1, queries, dim, std=1.0),
-        "image_proj.proj_in.weight": rand(dim, clip_hidden), "image_proj.proj_in.bias": rand(dim, std=0.05),
-        "image_proj.proj_out.weight": rand(cross, dim), "image_proj.proj_out.bias": rand(cross, std=0.05),
-        "image_proj.norm_out.weight": 1 + rand(cross, std=0.1), "image_proj.norm_out.bias": rand(cross, std=0.1),
-    }
-    for layer in range(4):
-        prefix = f"image_proj.layers.{layer}"
-        for norm in ("norm1", "norm2"):
-            state[f"{prefix}.0.{norm}.weight"] = 1 + rand(dim, std=0.1)
-            state[f"{prefix}.0.{norm}.bias"] = rand(dim, std=0.1)
-        state[f"{prefix}.0.to_q.weight"] = rand(dim, dim)
-        state[f"{prefix}.0.to_kv.weight"] = rand(2 * dim, dim)
-        state[f"{prefix}.0.to_out.weight"] = rand(dim, dim)
-        state[f"{prefix}.1.0.weight"] = 1 + rand(dim, std=0.1)
-        state[f"{prefix}.1.0.bias"] = rand(dim, std=0.1)
-        state[f"{prefix}.1.1.weight"] = rand(4 * dim, dim)
-        state[f"{prefix}.1.3.weight"] = rand(dim, 4 * dim)
+    state = {"image_proj.latents": rand(1, queries, dim, std=1.0)}
+    state.update(resampler_state_dict("image_proj", rand, clip_hidden, width=dim, inner=dim, output=cross))
     plain = tiny_ip_adapter_state_dict(unet, clip_dim=1, seed=seed + 1)
     state.update({key: value for key, value in plain.items() if key.startswith("ip_adapter.")})
+    return state
+
+
+def resampler_state_dict(prefix: str, rand, clip_hidden: int, width: int, inner: int, output: int, depth: int = 4) -> dict:
+    """IP-Adapter's Resampler (perceiver over CLIP hidden states) in its published key layout:
+    proj_in, proj_out, norm_out and `depth` layers of [PerceiverAttention, FeedForward] with no biases
+    on the attention and FF linears. Shared by the plus and FaceID-Plus-v2 builders."""
+    state = {
+        f"{prefix}.proj_in.weight": rand(width, clip_hidden), f"{prefix}.proj_in.bias": rand(width, std=0.05),
+        f"{prefix}.proj_out.weight": rand(output, width), f"{prefix}.proj_out.bias": rand(output, std=0.05),
+        f"{prefix}.norm_out.weight": 1 + rand(output, std=0.1), f"{prefix}.norm_out.bias": rand(output, std=0.1),
+    }
+    for layer in range(depth):
+        block = f"{prefix}.layers.{layer}"
+        for norm in ("norm1", "norm2"):
+            state[f"{block}.0.{norm}.weight"] = 1 + rand(width, std=0.1)
+            state[f"{block}.0.{norm}.bias"] = rand(width, std=0.1)
+        state[f"{block}.0.to_q.weight"] = rand(inner, width)
+        state[f"{block}.0.to_kv.weight"] = rand(2 * inner, width)
+        state[f"{block}.0.to_out.weight"] = rand(width, inner)
+        state[f"{block}.1.0.weight"] = 1 + rand(width, std=0.1)
+        state[f"{block}.1.0.bias"] = rand(width, std=0.1)
+        state[f"{block}.1.1.weight"] = rand(4 * width, width)
+        state[f"{block}.1.3.weight"] = rand(width, 4 * width)
     return state
 
 
