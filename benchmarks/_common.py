@@ -141,6 +141,16 @@ def gpu_missing(device: torch.device) -> bool:
     return False
 
 
+def save_report(report: dict, json_path: Path, results: Path, label: str, text: str) -> None:
+    """Write the raw JSON and replace section `label` of the results table."""
+    import json
+
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    update_results(results, label, text)
+    print(f"wrote {json_path} and updated section {label} of {results}")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -33,7 +33,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 # Puts ROOT on sys.path, sets HF_HUB_OFFLINE=1 and the warning filters.
-from _common import CpuPeak, Side, environment, gpu_missing, update_results  # noqa: E402
+from _common import CpuPeak, Side, environment, gpu_missing, save_report, update_results  # noqa: E402
 from _common import gib as _gib, mib as _mib, sync as _sync, timed as _timed  # noqa: E402,F401
 
 import torch  # noqa: E402
@@ -424,10 +424,7 @@ def main(argv=None) -> int:
     for case in cases:
         print(table_row(case, device.type))
     if not args.no_write:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-        update_results(args.results, label, section(report, command.strip()))
-        print(f"\nwrote {json_path.relative_to(ROOT)} and updated {args.results.relative_to(ROOT) if args.results.is_relative_to(ROOT) else args.results}")
+        save_report(report, json_path, args.results, label, section(report, command.strip()))
     return 0
 
 

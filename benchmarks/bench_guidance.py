@@ -40,7 +40,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 # _common puts the repository root on sys.path and sets HF_HUB_OFFLINE=1 and the warning filters.
-from _common import ROOT, CpuPeak, Side, environment, gib, gpu_missing, mib, sync, timed, update_results  # noqa: E402
+from _common import ROOT, CpuPeak, Side, environment, gib, gpu_missing, mib, save_report, sync, timed, update_results  # noqa: E402
 
 import bench_generate as bg  # noqa: E402  (build(), PROMPT, parameter_counts())
 import numpy as np  # noqa: E402
@@ -794,10 +794,7 @@ def main(argv=None) -> int:
         text = SECTIONS[part](report)
         print("\n" + text + "\n")
         if not args.no_write:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(report, indent=2) + "\n")
-            update_results(args.results, part_label, text)
-            print(f"wrote {json_path.relative_to(ROOT)} and updated section {part_label} of {args.results}")
+            save_report(report, json_path, args.results, part_label, text)
     return 0
 
 

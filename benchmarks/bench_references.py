@@ -43,7 +43,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 # _common puts the repository root on sys.path and sets HF_HUB_OFFLINE=1 and the warning filters.
-from _common import ROOT, CpuPeak, Side, environment, gpu_missing, mib, gib, timed, update_results  # noqa: E402
+from _common import ROOT, CpuPeak, Side, environment, gpu_missing, mib, gib, save_report, timed, update_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -415,10 +415,7 @@ def main(argv=None) -> int:
     text = section(report)
     print("\n" + text + "\n")
     if not args.no_write:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-        update_results(args.results, label, text)
-        print(f"wrote {json_path.relative_to(ROOT)} and updated section {label} of {args.results}")
+        save_report(report, json_path, args.results, label, text)
     return 0
 
 
