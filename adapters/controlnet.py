@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -236,24 +236,20 @@ class ControlGuidance(Guidance):
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
 
-Preprocess = Callable[[Image.Image, str, dict], Image.Image]
-
-
 def build_guidance(
     library: ControlNetLibrary,
     units: list[ControlUnit],
-    images: list[Image.Image],
     width: int,
     height: int,
     batch: int,
     guided: bool,
 ) -> Optional[ControlGuidance]:
-    """Control images (already loaded and preprocessed, one per unit) fitted, batched and paired with models."""
+    """Units whose `image` is the prepared (preprocessed, RGB) control image: fitted, batched, paired with models."""
     if not units:
         return None
     ready = []
-    for unit, image in zip(units, images):
-        fitted = fit_image(image, width, height, unit.fit)
+    for unit in units:
+        fitted = fit_image(unit.image, width, height, unit.fit)
         tensor = torch.from_numpy(np.asarray(fitted, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
         tensor = tensor.repeat(batch * (2 if guided else 1), 1, 1, 1)
         model = library.model(unit.type)

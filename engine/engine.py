@@ -192,12 +192,12 @@ class Engine:
             inpaint.check_mask_size(mask, init_image)
             resolved = resolved.model_copy(update={"mask_image": _image_identity(request.mask_image, mask)})
         sources = [load_rgb(unit.image, f"control image {i + 1} ({unit.type})") for i, unit in enumerate(request.controlnets)]
-        records = [_control_record(unit, _image_identity(unit.image, image)) for unit, image in zip(request.controlnets, sources)]
+        records = [_input_record(unit, _image_identity(unit.image, image)) for unit, image in zip(request.controlnets, sources)]
         resolved = resolved.model_copy(update={"controlnets": records})
         units = self._prepare_controls(request.controlnets, sources)
         pictures = [load_rgb(ref.image, f"{ref.kind} reference {i + 1}") for i, ref in enumerate(request.references)]
         resolved = resolved.model_copy(update={"references": [
-            _control_record(ref, _image_identity(ref.image, picture)) for ref, picture in zip(request.references, pictures)
+            _input_record(ref, _image_identity(ref.image, picture)) for ref, picture in zip(request.references, pictures)
         ]})
         references = tuple(ref.model_copy(update={"image": picture}) for ref, picture in zip(request.references, pictures))
         init_info = _image_identity(request.init_image, init_image)
@@ -288,16 +288,24 @@ class Engine:
             cond = replace(cond, contributions=cond.contributions + (guidance,))
             return denoise(unet, scheduler, latents, timesteps, cond, generators, callback)
         if init_pixels is None:
-            channels = self.pipe.vae.config.latent_channels
-            factor = self.pipe.vae_scale_factor
-            shape = (batch, channels, resolved.height // factor, resolved.width // factor)
-            latents = initial_noise(shape, generators, self.device, self.dtype) * scheduler.init_noise_sigma
+            latents, _ = self._start_latents(scheduler, timesteps, generators, resolved.width, resolved.height)
         else:
             pixels = init_pixels.expand(batch, -1, -1, -1) if init_pixels.shape[0] == 1 else init_pixels
             clean = vae_ops.encode(self.pipe.vae, pixels, generators, self.device, self.dtype)
-            noise = initial_noise(clean.shape, generators, self.device, self.dtype)
-            latents = scheduler.add_noise(clean, noise, timesteps[:1].repeat(batch))
+            latents, _ = self._start_latents(scheduler, timesteps, generators, resolved.width, resolved.height, clean)
         return denoise(unet, scheduler, latents, timesteps, cond, generators, callback)
+
+    def _start_latents(self, scheduler, timesteps, generators, width: int, height: int, clean=None):
+        """(start latents, the noise they hold): pure noise, or `clean` latents noised to the first timestep.
+
+        Image i's noise comes from generator i alone, so image i equals a single run with its seed.
+        """
+        factor = self.pipe.vae_scale_factor
+        shape = (len(generators), self.pipe.vae.config.latent_channels, height // factor, width // factor)
+        noise = initial_noise(shape, generators, self.device, self.dtype)
+        if clean is None:
+            return noise * scheduler.init_noise_sigma, noise
+        return scheduler.add_noise(clean, noise, timesteps[:1].repeat(len(generators))), noise
 
     def _unet_for(self, inpainting: bool):
         """The inpainting UNet for masked requests when one is loaded; the model's own UNet otherwise."""
@@ -317,12 +325,8 @@ class Engine:
         latent_mask = latent_mask.repeat(batch, 1, 1, 1).to(self.device, self.dtype)
         nine_channels = unet.config.in_channels == inpaint.INPAINT_CHANNELS
         known = None if (nine_channels and from_noise) else vae_ops.encode(self.pipe.vae, pixels, generators, self.device, self.dtype)
-        shape = (batch, self.pipe.vae.config.latent_channels, pixels.shape[2] // factor, pixels.shape[3] // factor)
-        noise = initial_noise(shape, generators, self.device, self.dtype)
-        if from_noise:
-            latents = noise * scheduler.init_noise_sigma
-        else:
-            latents = scheduler.add_noise(known, noise, timesteps[:1].repeat(batch))
+        height, width = pixels.shape[2], pixels.shape[3]
+        latents, noise = self._start_latents(scheduler, timesteps, generators, width, height, None if from_noise else known)
         if nine_channels:
             masked = vae_ops.encode(self.pipe.vae, inpaint.masked_pixels(pixels, repaint), generators, self.device, self.dtype)
             return latents, inpaint.InpaintGuidance(latent_mask, guided, masked_latents=masked)
@@ -331,7 +335,7 @@ class Engine:
     def _with_controls(self, cond: Conditioning, job: _Job, width: int, height: int) -> Conditioning:
         """The conditioning with this request's adapter contributions at the given output size."""
         units = list(job.control_units)
-        guidance = build_guidance(self.controlnets, units, [u.image for u in units], width, height, len(job.resolved.seeds), cond.guided)
+        guidance = build_guidance(self.controlnets, units, width, height, len(job.resolved.seeds), cond.guided)
         return cond if guidance is None else replace(cond, contributions=cond.contributions + (guidance,))
 
     def _refine(self, cond, job: _Job, generators, pixels: np.ndarray) -> np.ndarray:
@@ -460,8 +464,8 @@ def _image_identity(source: Any, image: Optional[Image.Image]) -> Optional[dict]
     return {"path": None, "sha256": hashlib.sha256(image.tobytes()).hexdigest(), "hash_of": "rgb pixels"}
 
 
-def _control_record(item: Union[ControlUnit, Reference], identity: dict) -> dict:
-    """A control unit or reference as provenance: its settings and its image's identity (path + sha256)."""
+def _input_record(item: Union[ControlUnit, Reference], identity: dict) -> dict:
+    """An image input (control unit, reference) as provenance: its settings and its image's identity."""
     return {**item.model_dump(mode="json", exclude={"image"}), "image": identity}
 
 
