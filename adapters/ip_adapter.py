@@ -117,6 +117,7 @@ class IPAdapters:
         self._reference, self._encoder_folder = str(reference), image_encoder_folder
         self._weight_file, self._hidden_states = WEIGHT_FILES[variant], variant == "plus"
         self._loaded: tuple[str, ...] = ()
+        self._encoder_id: Optional[str] = None  # encoder file hash + output kind: worked out once, on first need
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cache_size = cache_size
         self.encoder_runs = 0  # how many times the image encoder ran (the cache's effect is observable)
@@ -169,7 +170,9 @@ class IPAdapters:
         """CLIP image embedding and its unconditional counterpart, cached by image content + encoder
         identity (the encoder file's sha256 and which output is used), in memory and on disk."""
         picture = load_rgb(image, "reference image")
-        key = hashlib.sha256(picture.tobytes() + f"{picture.size}|{self._encoder_identity()}".encode()).hexdigest()
+        if self._encoder_id is None:
+            self._encoder_id = self._encoder_identity(self._folder())
+        key = hashlib.sha256(picture.tobytes() + f"{picture.size}|{self._encoder_id}".encode()).hexdigest()
         if key not in self._cache:
             self._cache[key] = self._from_disk(key) or self._run_encoder(picture, key)
             if len(self._cache) > self._cache_size:
@@ -177,8 +180,8 @@ class IPAdapters:
         self._cache.move_to_end(key)
         return self._cache[key]
 
-    def _encoder_identity(self) -> str:
-        encoder = self._folder() / self._encoder_folder / "model.safetensors"
+    def _encoder_identity(self, folder: Path) -> str:
+        encoder = folder / self._encoder_folder / "model.safetensors"
         digest = cached_sha256(encoder) if encoder.is_file() else self._reference
         return f"{digest}|hidden_states={self._hidden_states}"
 
