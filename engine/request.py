@@ -10,6 +10,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adapters.controlnet import ControlUnit
+from adapters.identity import CharacterReference
 from adapters.ip_adapter import Reference
 
 from . import presets as preset_lib
@@ -69,6 +70,8 @@ class GenerationRequest(BaseModel):
     loras: list[LoraSpec] = Field(default_factory=list, max_length=16)
     controlnets: list[ControlUnit] = Field(default_factory=list, max_length=8)
     references: list[Reference] = Field(default_factory=list, max_length=8)  # Style / Content Reference
+    character: Optional[CharacterReference] = None  # Character Reference: a saved character or photos
+    best_of: Optional[int] = Field(default=None, ge=2, le=8)  # character requests: make N, rank by identity score
     upscale: Optional[Literal[2, 4]] = None  # ESRGAN after generation (ultra mode refines instead)
     upscaler: Optional[str] = None  # ESRGAN model for upscale/ultra (default: realesrgan-x{2,4}plus)
 
@@ -118,6 +121,10 @@ class GenerationRequest(BaseModel):
             raise ValueError("init_strength needs an init_image")
         if self.mask_image is not None and self.init_image is None:
             raise ValueError("mask_image needs an init_image (the picture to inpaint)")
+        if self.best_of is not None and self.character is None:
+            raise ValueError("best_of ranks images by their likeness to a character: give a character reference")
+        if self.best_of is not None and self.num_images != 1:
+            raise ValueError("best_of=N makes N images and returns them ranked; leave num_images at 1")
         return self
 
 
@@ -147,6 +154,8 @@ class ResolvedRequest(BaseModel):
     controlnets: list[dict] = Field(default_factory=list)  # units with image identities, see Engine
     mask_image: Optional[dict] = None  # the inpainting mask's identity (path, sha256)
     references: list[dict] = Field(default_factory=list)  # style/content references with image identities
+    character: Optional[dict] = None  # the Character Reference with its images' identities, see Engine
+    ranked: bool = False  # best_of: images are returned ranked by identity score
 
     @property
     def denoise(self) -> float:
@@ -187,7 +196,7 @@ def resolve(request: GenerationRequest, native_size: int = 1024, init_size: Opti
         negative_prompt=preset.compose_negative(request.negative_prompt),
         width=width,
         height=height,
-        seeds=[base_seed + index for index in range(request.num_images)],
+        seeds=[base_seed + index for index in range(request.best_of or request.num_images)],
         steps=request.steps or preset.steps or settings.steps,
         guidance_scale=request.guidance_scale or preset.guidance_scale or preset_lib.DEFAULT_GUIDANCE,
         scheduler=schedulers.canonical_name(request.scheduler or preset.scheduler or schedulers.DEFAULT_SCHEDULER),
@@ -201,6 +210,7 @@ def resolve(request: GenerationRequest, native_size: int = 1024, init_size: Opti
         upscaler=request.upscaler,
         mask_feather=request.mask_feather if request.mask_image is not None else 0,
         loras=list(request.loras),
+        ranked=request.best_of is not None,
     )
 
 
