@@ -81,10 +81,6 @@ class ControlUnit(BaseModel):
             raise ValueError(f"control unit window: start ({self.start}) must be before end ({self.end})")
         return self
 
-    def active_at(self, step: int, total: int) -> bool:
-        """Active for step i of n unless i/n < start or (i+1)/n > end (diffusers' rule)."""
-        return not (step / total < self.start or (step + 1) / total > self.end)
-
 
 def fit_image(image: Image.Image, width: int, height: int, mode: FitMode) -> Image.Image:
     if image.size == (width, height):
@@ -207,26 +203,36 @@ def _load_union(folder: Path, dtype) -> torch.nn.Module:
 
 
 @dataclass(frozen=True)
-class _ReadyUnit:
-    unit: ControlUnit
+class ReadyControl:
+    """A ControlNet ready to run: its model, its CFG-batched image, its weight and step window."""
+
     model: torch.nn.Module
     image: torch.Tensor  # (2B or B, 3, H, W) in [0, 1], CFG-batched like the latents
+    weight: float
+    start: float = 0.0
+    end: float = 1.0
+    context: Optional[torch.Tensor] = None  # what it attends to; None: the prompt (InstantID's IdentityNet: face tokens)
+
+    def active_at(self, step: int, total: int) -> bool:
+        """Step i of n runs unless the weight is 0, i/n < start or (i+1)/n > end (diffusers' window rule)."""
+        return self.weight != 0 and not (step / total < self.start or (step + 1) / total > self.end)
 
 
 class ControlGuidance(Guidance):
-    """The conditioning contribution of all ControlNet units of a request (engine Contribution)."""
+    """The summed residuals of a request's ControlNets (engine Contribution)."""
 
-    def __init__(self, units: list[_ReadyUnit]):
-        self._units = units
+    def __init__(self, controls: list[ReadyControl]):
+        self._controls = controls
 
     def unet_kwargs(self, latent_input, timestep, step: int, total: int, cond) -> dict:
         down, mid = None, None
-        for ready in self._units:
-            if ready.unit.weight == 0 or not ready.unit.active_at(step, total):
+        for ready in self._controls:
+            if not ready.active_at(step, total):
                 continue  # exactly "no unit": skipping adds nothing, where running at scale 0 adds zeros
+            context = cond.prompt_embeds if ready.context is None else ready.context
             unit_down, unit_mid = ready.model(
-                latent_input, timestep, encoder_hidden_states=cond.prompt_embeds, controlnet_cond=ready.image,
-                conditioning_scale=ready.unit.weight, return_dict=False,
+                latent_input, timestep, encoder_hidden_states=context, controlnet_cond=ready.image,
+                conditioning_scale=ready.weight, return_dict=False,
                 added_cond_kwargs={"text_embeds": cond.pooled_embeds, "time_ids": cond.time_ids},
             )
             down = list(unit_down) if down is None else [a + b for a, b in zip(down, unit_down)]
@@ -234,6 +240,13 @@ class ControlGuidance(Guidance):
         if down is None:
             return {}
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+def control_tensor(image: Image.Image, width: int, height: int, fit: FitMode, rows: int, model) -> torch.Tensor:
+    """A control picture fitted to the output size, as the (rows, 3, H, W) [0, 1] batch a ControlNet takes."""
+    fitted = fit_image(image, width, height, fit)
+    tensor = torch.from_numpy(np.asarray(fitted.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    return tensor.repeat(rows, 1, 1, 1).to(device=model.device, dtype=model.dtype)
 
 
 def build_guidance(
@@ -249,9 +262,7 @@ def build_guidance(
         return None
     ready = []
     for unit in units:
-        fitted = fit_image(unit.image, width, height, unit.fit)
-        tensor = torch.from_numpy(np.asarray(fitted, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-        tensor = tensor.repeat(batch * (2 if guided else 1), 1, 1, 1)
         model = library.model(unit.type)
-        ready.append(_ReadyUnit(unit, model, tensor.to(device=model.device, dtype=model.dtype)))
+        image = control_tensor(unit.image, width, height, unit.fit, batch * (2 if guided else 1), model)
+        ready.append(ReadyControl(model, image, unit.weight, unit.start, unit.end))
     return ControlGuidance(ready)

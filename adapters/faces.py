@@ -335,15 +335,16 @@ class FaceAnalyzer:
         *,
         select: Select = "largest",
         min_face: int = DEFAULT_MIN_FACE,
+        label: str = "reference image",
     ) -> np.ndarray:
         """The identity of one or several reference images: the normalised mean of their faces'
-        embeddings, (512,) float32 of unit length. Errors name the reference ("reference image 2")."""
+        embeddings, (512,) float32 of unit length. Errors name the image ("reference image 2")."""
         items = _as_image_list(images)
         if not items:
             raise FaceSelectionError("embed needs at least one reference image")
         embeddings = []
         for number, image in enumerate(items, start=1):
-            what = "the reference image" if len(items) == 1 else f"reference image {number}"
+            what = f"the {label}" if len(items) == 1 else f"{label} {number}"
             embeddings.append(self.analyze(image, select=select, min_face=min_face, what=what).embedding)
         mean = np.mean(np.stack(embeddings).astype(np.float64), axis=0)
         return _unit(mean, "the references' mean embedding (the faces cancel out)")

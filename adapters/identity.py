@@ -31,12 +31,24 @@ re-embedded from its stored anchor images (embeddings of different recognisers a
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import numpy as np
+import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.errors import RefgenError
+from engine.hashing import cached_sha256
+from engine.images import load_rgb
+
+from .characters import FACE_CROP_SIZE, CharacterStore
+from .controlnet import ControlGuidance, ReadyControl, control_tensor
+from .faces import FaceAnalyzer, keypoints_image
+from .ip_adapter import AdapterFile, AdapterUse, IPAdapters, cfg_rows
 
 IdentityAdapterName = Literal["instantid", "faceid"]
 CharacterStrength = Literal["Low", "Mid", "High"]
@@ -84,3 +96,153 @@ class CharacterReference(BaseModel):
         if self.weight is not None:
             return self.weight
         return CHARACTER_WEIGHTS[self.strength_type] if self.strength_type else DEFAULT_CHARACTER_WEIGHT
+
+
+# ------------------------------------------------------------------------------------- adapters
+
+PACKS: dict[str, str] = {"instantid": "antelopev2", "faceid": "buffalo_l"}  # the recogniser each was trained on
+FACEID_ENTRY = "ip-adapter-faceid-plusv2-sdxl"
+FACEID_FILES = ("ip-adapter-faceid-plusv2_sdxl.safetensors", "ip-adapter-faceid-plusv2_sdxl.bin")
+INSTANTID_ENTRY = "instantid"
+INSTANTID_FILES = ("ip-adapter.safetensors", "ip-adapter.bin")
+IDENTITYNET_FOLDER = "ControlNetModel"
+FACEID_LORA = "faceid_0"  # diffusers names the LoRA of adapter instance k `faceid_k`; the character is instance 0
+FACEID_SHORTCUT_SCALE = 1.0  # Plus-v2's s_scale: how much the CLIP-refined tokens add to the ID tokens
+
+
+class CharacterReferenceError(RefgenError):
+    """A Character Reference that cannot be served (missing adapter files, unusable profile)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Identity:
+    """What a character's adapters are fed, worked out once per request."""
+
+    label: str  # the character's name, or "photos"
+    anchor: str  # a profile's identity text, prepended to the prompt ("" for photos)
+    embedding: np.ndarray  # (512,) unit length, made by `pack`'s recogniser
+    pack: str
+    face_crop: Image.Image  # aligned crop of the first image's face (FaceID's CLIP input)
+    keypoints: Image.Image  # InstantID's five-keypoint picture, at the size of the image they came from
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the identity embedding: replay checks that a profile still means the same person."""
+        return hashlib.sha256(np.ascontiguousarray(self.embedding, np.float32).tobytes()).hexdigest()
+
+
+class IdentityAdapters:
+    """The Character Reference side of an engine: face analysis, the identity of a request, and what the
+    chosen adapter contributes (IP-Adapter instances, InstantID's IdentityNet, FaceID's LoRA)."""
+
+    def __init__(self, ip_adapters: IPAdapters, device, dtype, *, faceid: Union[str, Path] = FACEID_ENTRY,
+                 instantid: Union[str, Path] = INSTANTID_ENTRY, store: Optional[CharacterStore] = None,
+                 analyzers: Optional[dict[str, FaceAnalyzer]] = None):
+        self._ip, self._device, self._dtype = ip_adapters, device, dtype
+        self._references = {"faceid": str(faceid), "instantid": str(instantid)}
+        self._store = store
+        self._analyzers: dict[str, FaceAnalyzer] = dict(analyzers or {})
+        self._identitynet = None
+
+    def analyzer(self, adapter: str) -> FaceAnalyzer:
+        """insightface over the pack `adapter` was trained with, loaded on first use."""
+        pack = PACKS[adapter]
+        if pack not in self._analyzers:
+            self._analyzers[pack] = FaceAnalyzer.load(pack, device=str(self._device))
+        return self._analyzers[pack]
+
+    @property
+    def store(self) -> CharacterStore:
+        return self._store or CharacterStore()
+
+    # -- identity ---------------------------------------------------------------------------------
+
+    def identity(self, ref: CharacterReference, images: list[Image.Image], pose: Optional[Image.Image]) -> Identity:
+        """The averaged identity of a saved character or of photos, its face crop and keypoints.
+
+        Raises the face layer's typed errors naming the image, UnknownCharacterError for a name."""
+        analyzer = self.analyzer(ref.adapter)
+        select = "largest" if ref.face_index is None else ref.face_index
+        if ref.name is not None:
+            character = self.store.get(ref.name)
+            pictures = [load_rgb(path, f"anchor image {n} of {character.name!r}") for n, path in enumerate(character.anchor_paths, 1)]
+            same_pack = character.analyzer.get("pack") == analyzer.pack
+            embedding = character.mean_embedding if same_pack else analyzer.embed(pictures, label=f"anchor image of {character.name!r}")
+            label, anchor, what = character.name, character.anchor, f"anchor image 1 of {character.name!r}"
+        else:
+            pictures, label, anchor, what = images, "photos", "", "character image 1"
+            embedding = analyzer.embed(pictures, select=select, label="character image")
+        first = analyzer.analyze(pictures[0], select=select if ref.name is None else "largest", what=what, crop_size=FACE_CROP_SIZE)
+        posed = first if pose is None else analyzer.analyze(pose, what="the pose image", min_face=0)
+        keypoints = keypoints_image(posed.kps, posed.image_size)
+        return Identity(label, anchor, np.asarray(embedding, np.float32), analyzer.pack, first.crop, keypoints)
+
+    def score(self, adapter: str, identity: Identity, images: list[Image.Image]) -> list[Optional[float]]:
+        """ArcFace cosine of each image's largest face to the identity; None where no face is found."""
+        analyzer = self.analyzer(adapter)
+        return [analyzer.score_image(image, identity.embedding, what=f"output image {n}") for n, image in enumerate(images, 1)]
+
+    # -- contributions ------------------------------------------------------------------------------
+
+    def uses(self, ref: CharacterReference, identity: Identity, batch: int, guided: bool) -> list[AdapterUse]:
+        """The IP-Adapter instance of the character (always instance 0, see FACEID_LORA)."""
+        adapter_scale, _ = character_scales(ref.scale)
+        embedding = torch.tensor(identity.embedding)[None]  # (1, 512): one image per adapter
+        embeds = cfg_rows(embedding, torch.zeros_like(embedding), batch, guided).to(self._device, self._dtype)
+        if ref.adapter == "instantid":
+            return [AdapterUse(self._adapter_file("instantid"), adapter_scale, embeds[:, :, None])]  # (rows, 1, 1, 512)
+        positive, negative = self._ip.encode(identity.face_crop, hidden_states=True)
+        clip = cfg_rows(positive, negative, batch, guided)  # (rows, 1, tokens, hidden)
+        return [AdapterUse(self._adapter_file("faceid"), adapter_scale, embeds, clip_embeds=clip)]
+
+    def loras(self, ref: CharacterReference) -> dict[str, float]:
+        """peft adapters to keep active: FaceID's LoRA while a FaceID character is used."""
+        return {FACEID_LORA: 1.0} if ref.adapter == "faceid" else {}
+
+    def control(self, ref: CharacterReference, identity: Identity, width: int, height: int, batch: int,
+                guided: bool) -> Optional[ControlGuidance]:
+        """InstantID's IdentityNet: a ControlNet on the keypoint picture that attends to the face tokens
+        (the loaded face adapter's projection of the same embeddings the UNet gets)."""
+        _, identitynet_scale = character_scales(ref.scale)
+        if ref.adapter != "instantid" or identitynet_scale == 0:
+            return None
+        model = self._identity_net()
+        embedding = torch.tensor(identity.embedding)[None]
+        rows = cfg_rows(embedding, torch.zeros_like(embedding), batch, guided).to(self._device, self._dtype)
+        with torch.inference_mode():
+            tokens = self._ip.projection(0)(rows)  # (rows, 16, cross)
+        image = control_tensor(identity.keypoints, width, height, "crop", rows.shape[0], model)
+        return ControlGuidance([ReadyControl(model, image, identitynet_scale, context=tokens.to(model.dtype))])
+
+    def record(self, adapter: str) -> dict:
+        """The files a character request used, for provenance."""
+        file = self._adapter_file(adapter)
+        record = {"adapter": adapter, "file": str(file.folder / file.weight_name),
+                  "sha256": cached_sha256(file.folder / file.weight_name), "face_analysis": self.analyzer(adapter).describe()}
+        if adapter == "instantid":
+            record["identitynet"] = str(self._folder("instantid") / IDENTITYNET_FOLDER)
+        return record
+
+    def _adapter_file(self, adapter: str) -> AdapterFile:
+        folder = self._folder(adapter)
+        names = FACEID_FILES if adapter == "faceid" else INSTANTID_FILES
+        for name in names:  # a converted .safetensors first: the published .bin is a pickle
+            if (folder / name).is_file():
+                return AdapterFile(folder, name)
+        raise CharacterReferenceError(f"no {adapter} adapter file ({' or '.join(names)}) in {folder}")
+
+    def _folder(self, adapter: str) -> Path:
+        from engine import weights
+
+        reference = self._references[adapter]
+        folder = Path(reference).expanduser()
+        return folder if folder.is_dir() else weights.require(reference)
+
+    def _identity_net(self):
+        if self._identitynet is None:
+            from diffusers import ControlNetModel
+
+            folder = self._folder("instantid") / IDENTITYNET_FOLDER
+            model = ControlNetModel.from_pretrained(str(folder), dtype=self._dtype, use_safetensors=True, local_files_only=True)
+            self._identitynet = model.to(self._device).eval()
+        return self._identitynet

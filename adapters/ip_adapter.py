@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -41,6 +42,7 @@ from engine.conditioning import Guidance
 from engine.errors import RefgenError
 from engine import paths
 from engine.hashing import cached_sha256
+from engine.loading import check_pickle
 from engine.images import load_rgb, write_atomic
 
 StrengthType = Literal["Low", "Mid", "High", "Ultra", "Max"]
@@ -107,51 +109,110 @@ class IPAdapterGuidance(Guidance):
         return {"added_cond_kwargs": {"image_embeds": self._image_embeds}}
 
 
+@dataclass(frozen=True)
+class AdapterFile:
+    """One IP-Adapter weight file: a folder and the file's path inside it."""
+
+    folder: Path
+    weight_name: str  # may include a subfolder: "sdxl_models/ip-adapter_sdxl_vit-h.safetensors"
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterUse:
+    """One adapter instance a request needs: its file, its scale (a float or per-block dict), its embeddings."""
+
+    file: AdapterFile
+    scale: Union[float, dict]
+    embeds: torch.Tensor  # (2B or B, 1, ...) unconditional half first, as diffusers batches them
+    clip_embeds: Optional[torch.Tensor] = None  # FaceID-Plus: CLIP hidden states of the face crop, same batching
+
+
 class IPAdapters:
-    """The IP-Adapter instances of an engine: loaded for the kinds a request uses, unloaded otherwise."""
+    """The IP-Adapter instances of an engine (Style/Content Reference, and the Character Reference face
+    adapters): all the instances a request uses are loaded together, in one diffusers load, and kept until
+    a request needs another set; without any the adapters are unloaded and the UNet is exactly the plain one.
+    The CLIP image encoder (ViT-H, from the `ip-adapter-sdxl` folder) is loaded once and shared."""
 
     def __init__(self, pipe, device, dtype, reference: Union[str, Path] = IP_ADAPTER_ENTRY,
                  variant: Literal["vit-h", "plus"] = "vit-h", image_encoder_folder: str = IMAGE_ENCODER_FOLDER,
-                 cache_size: int = 64):
+                 cache_size: int = 64, allow_pickle: bool = False):
         self._pipe, self._device, self._dtype = pipe, device, dtype
         self._reference, self._encoder_folder = str(reference), image_encoder_folder
         self._weight_file, self._hidden_states = WEIGHT_FILES[variant], variant == "plus"
-        self._loaded: tuple[str, ...] = ()
-        self._encoder_id: Optional[str] = None  # encoder file hash + output kind: worked out once, on first need
+        self._allow_pickle = allow_pickle
+        self._loaded: tuple[AdapterFile, ...] = ()
+        self._encoder = None  # (CLIP vision model, its image processor), loaded on first need
+        self._encoder_id: Optional[str] = None  # encoder file hash: worked out once, on first need
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cache_size = cache_size
         self.encoder_runs = 0  # how many times the image encoder ran (the cache's effect is observable)
 
-    def guidance(self, references: list[Reference], batch: int, guided: bool) -> Optional[IPAdapterGuidance]:
-        kinds = tuple(kind for kind in KINDS if any(r.kind == kind for r in references))
-        self._ensure(kinds)
-        if not kinds:
-            return None
-        scales, embeds = [], []
-        for kind in kinds:
-            chosen = [r for r in references if r.kind == kind]
-            positive, negative = self._combined(chosen)
-            scales.append(block_scales(self._pipe.unet, kind, _weighted_scale(chosen)))
-            rows = [negative] * batch + [positive] * batch if guided else [positive] * batch
-            embeds.append(torch.stack(rows).to(self._device, self._dtype))  # (2B or B, 1, D), as diffusers batches it
-        self._pipe.set_ip_adapter_scale(scales)
-        return IPAdapterGuidance(embeds)
+    # -- Style / Content Reference --------------------------------------------------------------
 
-    def _ensure(self, kinds: tuple[str, ...]) -> None:
-        if kinds == self._loaded:
+    def reference_uses(self, references: list[Reference], batch: int, guided: bool) -> list[AdapterUse]:
+        """One adapter instance per kind of reference (style, content) with its InstantStyle block scales."""
+        uses = []
+        file = AdapterFile(self._folder(), self._weight_file) if references else None
+        for kind in KINDS:
+            chosen = [r for r in references if r.kind == kind]
+            if chosen:
+                positive, negative = self._combined(chosen)
+                embeds = cfg_rows(positive, negative, batch, guided).to(self._device, self._dtype)
+                uses.append(AdapterUse(file, block_scales(self._pipe.unet, kind, _weighted_scale(chosen)), embeds))
+        return uses
+
+    # -- any adapters ---------------------------------------------------------------------------
+
+    def apply(self, uses: list[AdapterUse]) -> Optional[IPAdapterGuidance]:
+        """Load exactly these adapter instances (in this order), set their scales; their guidance."""
+        self._ensure(tuple(use.file for use in uses))
+        if not uses:
+            return None
+        for index, use in enumerate(uses):
+            if use.clip_embeds is not None:  # FaceID-Plus-v2: the face crop's CLIP states, and the v2 shortcut
+                projection = self.projection(index)
+                projection.clip_embeds = use.clip_embeds.to(self._device, self._dtype)
+                projection.shortcut = True
+        self._pipe.set_ip_adapter_scale([use.scale for use in uses])
+        return IPAdapterGuidance([use.embeds for use in uses])
+
+    def projection(self, index: int) -> torch.nn.Module:
+        """The image projection of loaded instance `index` (InstantID feeds its tokens to IdentityNet too)."""
+        return self._pipe.unet.encoder_hid_proj.image_projection_layers[index]
+
+    def lora_names(self) -> list[str]:
+        """The peft adapters the loaded files brought (FaceID's LoRA loads as `faceid_{index}`)."""
+        config = getattr(self._pipe.unet, "peft_config", {}) or {}
+        return [f"faceid_{i}" for i in range(len(self._loaded)) if f"faceid_{i}" in config]
+
+    def _ensure(self, files: tuple[AdapterFile, ...]) -> None:
+        if files == self._loaded:
             return
         if self._loaded:
             self._pipe.unload_ip_adapter()
             self._loaded = ()
-        if kinds:
-            folder = self._folder()
-            self._pipe.load_ip_adapter(
-                str(folder), subfolder=str(Path(self._weight_file).parent), weight_name=[Path(self._weight_file).name] * len(kinds),
-                image_encoder_folder=self._encoder_folder, local_files_only=True,
-            )
-            self._pipe.image_encoder.to(self._device, self._dtype)
-            self._pipe.unet.encoder_hid_proj.to(self._device, self._dtype)
-            self._loaded = kinds
+        if not files:
+            return
+        for file in files:
+            check_pickle(file.folder / file.weight_name, self._allow_pickle)
+        self._register_encoder()  # so diffusers loads no encoder of its own (FaceID/InstantID folders have none)
+        paths = [Path(file.weight_name) for file in files]
+        self._pipe.load_ip_adapter(
+            [str(file.folder) for file in files], subfolder=[str(p.parent) if str(p.parent) != "." else "" for p in paths],
+            weight_name=[p.name for p in paths], image_encoder_folder=None, local_files_only=True,
+        )
+        self._pipe.unet.encoder_hid_proj.to(self._device, self._dtype)
+        self._loaded = files
+
+    def _register_encoder(self) -> None:
+        if self._encoder is None:
+            from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+            folder = self._folder() / self._encoder_folder
+            encoder = CLIPVisionModelWithProjection.from_pretrained(str(folder), local_files_only=True)
+            size = encoder.config.image_size
+            self._encoder = (encoder.to(self._device, self._dtype).eval(), CLIPImageProcessor(size=size, crop_size=size))
+        self._pipe.register_modules(image_encoder=self._encoder[0], feature_extractor=self._encoder[1])
 
     def _folder(self) -> Path:
         from engine import weights
@@ -161,20 +222,21 @@ class IPAdapters:
 
     def _combined(self, references: list[Reference]) -> tuple[torch.Tensor, torch.Tensor]:
         """Influence-weighted mean of the references' embeddings (only the ratio of influences matters)."""
-        encoded = [self._encode(r.image) for r in references]
+        encoded = [self.encode(r.image, self._hidden_states) for r in references]
         total = sum(r.influence for r in references)
         positive = sum((r.influence / total) * pos for r, (pos, _) in zip(references, encoded))
         return positive, encoded[0][1]
 
-    def _encode(self, image) -> tuple[torch.Tensor, torch.Tensor]:
-        """CLIP image embedding and its unconditional counterpart, cached by image content + encoder
-        identity (the encoder file's sha256 and which output is used), in memory and on disk."""
+    def encode(self, image, hidden_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP image embedding (or penultimate hidden states) and its unconditional counterpart, cached by
+        image content + encoder identity (the encoder file's sha256 and which output), in memory and on disk."""
         picture = load_rgb(image, "reference image")
         if self._encoder_id is None:
             self._encoder_id = self._encoder_identity(self._folder())
-        key = hashlib.sha256(picture.tobytes() + f"{picture.size}|{self._encoder_id}".encode()).hexdigest()
+        identity = f"{picture.size}|{self._encoder_id}|hidden_states={hidden_states}"
+        key = hashlib.sha256(picture.tobytes() + identity.encode()).hexdigest()
         if key not in self._cache:
-            self._cache[key] = self._from_disk(key) or self._run_encoder(picture, key)
+            self._cache[key] = self._from_disk(key) or self._run_encoder(picture, key, hidden_states)
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
@@ -182,18 +244,18 @@ class IPAdapters:
 
     def _encoder_identity(self, folder: Path) -> str:
         encoder = folder / self._encoder_folder / "model.safetensors"
-        digest = cached_sha256(encoder) if encoder.is_file() else self._reference
-        return f"{digest}|hidden_states={self._hidden_states}"
+        return cached_sha256(encoder) if encoder.is_file() else self._reference
 
-    def _run_encoder(self, picture: Image.Image, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_encoder(self, picture: Image.Image, key: str, hidden_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
         from safetensors.torch import save
 
+        self._register_encoder()
         with torch.inference_mode():
-            positive, negative = self._pipe.encode_image(picture, self._device, 1, output_hidden_states=self._hidden_states)
+            positive, negative = self._pipe.encode_image(picture, self._device, 1, output_hidden_states=hidden_states)
         self.encoder_runs += 1
         tensors = {"positive": positive.float().cpu().contiguous(), "negative": negative.float().cpu().contiguous()}
         write_atomic(paths.cache_dir() / "references" / f"{key}.safetensors", save(tensors))
-        return positive, negative  # (1, D) each; plus: (1, tokens, D)
+        return positive, negative  # (1, D) each; hidden states: (1, tokens, D)
 
     def _from_disk(self, key: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         from safetensors.torch import load_file
@@ -204,6 +266,12 @@ class IPAdapters:
         except (OSError, ValueError, RuntimeError):
             return None  # absent or damaged: encode again
         return tensors["positive"].to(self._device, self._dtype), tensors["negative"].to(self._device, self._dtype)
+
+
+def cfg_rows(positive: torch.Tensor, negative: torch.Tensor, batch: int, guided: bool) -> torch.Tensor:
+    """(2B or B, *shape): `negative` rows first when guided, then `positive` for each image of the batch."""
+    rows = [negative] * batch + [positive] * batch if guided else [positive] * batch
+    return torch.stack(rows)
 
 
 def _weighted_scale(references: list[Reference]) -> float:

@@ -15,12 +15,13 @@ from PIL import Image, ImageOps
 
 from adapters import inpaint
 from adapters.controlnet import ControlNetLibrary, ControlUnit, build_guidance
+from adapters.identity import CharacterReference, Identity, IdentityAdapters
 from adapters.ip_adapter import IPAdapters, Reference
 from adapters.preprocess import Preprocessors, is_preprocessed
 from adapters.upscale import Upscaler
 
 from . import vae as vae_ops
-from .conditioning import Conditioning, encode_text
+from .conditioning import Conditioning, encode_text, is_guided
 from .errors import ProvenanceError
 from .hashing import sha256_file
 from .images import load_rgb
@@ -95,7 +96,13 @@ class _Job:
     control_units: tuple[ControlUnit, ...] = ()  # with their prepared (preprocessed) control images
     mask: Optional[Image.Image] = None  # inpainting, same size as init_image
     references: tuple[Reference, ...] = ()  # style/content references with their images loaded
+    character: Optional[tuple[CharacterReference, Identity]] = None  # Character Reference and its identity
     on_step: Optional[StepCallback] = field(default=None, compare=False)
+
+    @property
+    def steering_character(self) -> Optional[tuple[CharacterReference, Identity]]:
+        """The character when it steers the image: at weight 0 it adds nothing (outputs are still scored)."""
+        return self.character if self.character is not None and self.character[0].scale > 0 else None
 
 
 class Engine:
@@ -111,7 +118,8 @@ class Engine:
         self.preprocessors = Preprocessors(device=device, allow_pickle=allow_pickle)  # photo -> control image, cached
         self.inpaint_unet = None  # a 9-channel SDXL inpainting UNet, see load_inpaint_unet
         self._upscalers: dict = {}  # ESRGAN models by reference, for upscale= and ultra mode
-        self.ip_adapters = IPAdapters(pipe, device, dtype, variant=ip_adapter)  # Style / Content Reference
+        self.ip_adapters = IPAdapters(pipe, device, dtype, variant=ip_adapter, allow_pickle=allow_pickle)
+        self.identity = IdentityAdapters(self.ip_adapters, device, dtype)  # Character Reference
         self._loras = LoraSet(pipe, allow_pickle)
         if model.notice:
             log.warning(model.notice)
@@ -200,8 +208,26 @@ class Engine:
             _input_record(ref, _image_identity(ref.image, picture)) for ref, picture in zip(request.references, pictures)
         ]})
         references = tuple(ref.model_copy(update={"image": picture}) for ref, picture in zip(request.references, pictures))
+        character = None
+        if request.character is not None:
+            character, record = self._character(request.character)
+            resolved = resolved.model_copy(update={"character": record, "prompt": _with_anchor(character[1].anchor, resolved.prompt)})
         init_info = _image_identity(request.init_image, init_image)
-        return self._run(_Job(resolved, _request_record(request), init_image, init_info, units, mask, references, on_step))
+        job = _Job(resolved, _request_record(request), init_image, init_info, units, mask, references, character, on_step)
+        return self._run(job)
+
+    def _character(self, ref: CharacterReference) -> tuple[tuple[CharacterReference, Identity], dict]:
+        """The character's images loaded and its identity worked out; its provenance record."""
+        images = [load_rgb(image, f"character image {n}") for n, image in enumerate(ref.images, 1)]
+        pose = None if ref.pose_image is None else load_rgb(ref.pose_image, "pose image")
+        identity = self.identity.identity(ref, images, pose)
+        record = {
+            **ref.model_dump(mode="json", exclude={"images", "pose_image"}),
+            "images": [_image_identity(source, image) for source, image in zip(ref.images, images)],
+            "pose_image": _image_identity(ref.pose_image, pose), "identity_sha256": identity.fingerprint,
+            "files": self.identity.record(ref.adapter),
+        }
+        return (ref.model_copy(update={"images": images, "pose_image": pose}), identity), record
 
     def replay(self, image_path: Union[str, Path], init_image: Optional[Union[str, Path]] = None) -> GenerationResult:
         """Regenerate a refgen PNG from its metadata (bit-identical on the same device and dtype).
@@ -226,8 +252,19 @@ class Engine:
             Reference(**{**record, "image": _replay_image(record["image"], None, f"{record['kind']} reference {i + 1}")[0]})
             for i, record in enumerate(resolved.references)
         )
-        result = self._run(_Job(resolved, meta["request"], init, init_info, prepared, mask, references))
-        return result.pick(meta["image"]["index"])
+        character = None if resolved.character is None else self._replay_character(resolved.character)
+        result = self._run(_Job(resolved, meta["request"], init, init_info, prepared, mask, references, character))
+        return result.pick(next(i for i, m in enumerate(result.metadata) if m["image"]["index"] == meta["image"]["index"]))
+
+    def _replay_character(self, record: dict) -> tuple[CharacterReference, Identity]:
+        images = [_replay_image(info, None, f"character image {n}")[0] for n, info in enumerate(record["images"], 1)]
+        pose = None if record["pose_image"] is None else _replay_image(record["pose_image"], None, "pose image")[0]
+        fields = {key: record[key] for key in CharacterReference.model_fields if key not in ("images", "pose_image")}
+        ref = CharacterReference(**fields, images=images, pose_image=pose)
+        identity = self.identity.identity(ref, images, pose)
+        if identity.fingerprint != record["identity_sha256"]:
+            raise ProvenanceError(f"character {ref.name or 'photos'!r} has changed since the image was made (its identity embedding differs)")
+        return ref, identity
 
     def _prepare_controls(self, units, sources: list[Image.Image]) -> tuple[ControlUnit, ...]:
         """Each unit with its control image: photos go through the type's preprocessor (cached)."""
@@ -242,13 +279,18 @@ class Engine:
 
     def _run(self, job: _Job) -> GenerationResult:
         resolved = job.resolved
-        lora_identities = self._loras.activate(resolved.loras)
+        batch, guided = len(resolved.seeds), is_guided(self.pipe.unet, resolved.guidance_scale)
+        character = job.steering_character
+        uses = [] if character is None else self.identity.uses(*character, batch, guided)  # instance 0
+        uses += self.ip_adapters.reference_uses(list(job.references), batch, guided)
+        image_guidance = self.ip_adapters.apply(uses)  # before the LoRAs: loading FaceID switches its LoRA on
+        keep = {} if character is None else self.identity.loras(character[0])
+        lora_identities = self._loras.activate(resolved.loras, keep)
         cond = encode_text(
-            self.pipe, resolved.prompt, resolved.negative_prompt, len(resolved.seeds),
+            self.pipe, resolved.prompt, resolved.negative_prompt, batch,
             resolved.width, resolved.height, resolved.guidance_scale, self.device,
         )
-        reference_guidance = self.ip_adapters.guidance(list(job.references), len(resolved.seeds), cond.guided)
-        cond = replace(cond, contributions=(reference_guidance,) if reference_guidance else ())  # any size
+        cond = replace(cond, contributions=(image_guidance,) if image_guidance else ())  # any size
         base_cond = self._with_controls(cond, job, resolved.width, resolved.height)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in resolved.seeds]
         init_pixels, mask, init_fitted = None, None, None
@@ -273,7 +315,23 @@ class Engine:
         )
         # Each image gets its own copy, so editing one image's metadata never changes another's.
         metadata = [build_metadata(index=index, **copy.deepcopy(shared)) for index in range(len(resolved.seeds))]
-        return GenerationResult(vae_ops.pixels_to_pil(pixels), list(resolved.seeds), metadata, pixels)
+        result = GenerationResult(vae_ops.pixels_to_pil(pixels), list(resolved.seeds), metadata, pixels)
+        return result if job.character is None else self._scored(result, job.character, resolved.ranked)
+
+    def _scored(self, result: GenerationResult, character: tuple[CharacterReference, Identity], ranked: bool) -> GenerationResult:
+        """Every output of a character request gets its identity score ("no face" when none is found);
+        best_of requests come back best first (their metadata keep their batch index for replay)."""
+        ref, identity = character
+        scores = self.identity.score(ref.adapter, identity, result.images)
+        for meta, score in zip(result.metadata, scores):
+            meta["identity_score"] = "no face" if score is None else round(score, 6)
+        if not ranked:
+            return result
+        order = sorted(range(len(scores)), key=lambda i: -2.0 if scores[i] is None else -scores[i])
+        for rank, index in enumerate(order, 1):
+            result.metadata[index]["rank"] = rank
+        return GenerationResult([result.images[i] for i in order], [result.seeds[i] for i in order],
+                                [result.metadata[i] for i in order], result.pixels[order])
 
     def _sample(self, cond: Conditioning, resolved: ResolvedRequest, generators, init_pixels, denoise_strength, on_step, phase,
                 mask: Optional[Image.Image] = None):
@@ -334,9 +392,11 @@ class Engine:
 
     def _with_controls(self, cond: Conditioning, job: _Job, width: int, height: int) -> Conditioning:
         """The conditioning with this request's adapter contributions at the given output size."""
-        units = list(job.control_units)
-        guidance = build_guidance(self.controlnets, units, width, height, len(job.resolved.seeds), cond.guided)
-        return cond if guidance is None else replace(cond, contributions=cond.contributions + (guidance,))
+        batch = len(job.resolved.seeds)
+        guidance = [build_guidance(self.controlnets, list(job.control_units), width, height, batch, cond.guided)]
+        if job.steering_character is not None:  # InstantID's IdentityNet
+            guidance.append(self.identity.control(*job.steering_character, width, height, batch, cond.guided))
+        return replace(cond, contributions=cond.contributions + tuple(g for g in guidance if g is not None))
 
     def _refine(self, cond, job: _Job, generators, pixels: np.ndarray) -> np.ndarray:
         """Quality/ultra: upsample, then denoise lightly again so detail is added at the new size.
@@ -403,6 +463,13 @@ class Engine:
         return {"type": self.device.type, "name": name, "dtype": str(self.dtype).removeprefix("torch.")}
 
 
+def _with_anchor(anchor: str, prompt: str) -> str:
+    """A character's identity text leads the prompt (once: a prompt that already starts with it is kept)."""
+    if not anchor or prompt.startswith(anchor):
+        return prompt
+    return f"{anchor}, {prompt}"
+
+
 def _resize_pixels(pixels: np.ndarray, width: int, height: int) -> torch.Tensor:
     """(B, H, W, 3) floats -> (B, 3, height, width) in [0, 1] (bicubic; unchanged when already that size)."""
     tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)
@@ -437,9 +504,14 @@ def _has_xformers() -> bool:
 
 def _request_record(request: GenerationRequest) -> dict:
     """The request as given, JSON-safe: image inputs become their path (or a marker when in memory)."""
-    record = request.model_dump(mode="json", exclude={"init_image", "mask_image", "controlnets", "references"})
+    record = request.model_dump(mode="json", exclude={"init_image", "mask_image", "controlnets", "references", "character"})
     record["init_image"] = _source_label(request.init_image)
     record["mask_image"] = _source_label(request.mask_image)
+    if request.character is not None:
+        character = request.character
+        record["character"] = {**character.model_dump(mode="json", exclude={"images", "pose_image"}),
+                               "images": [_source_label(image) for image in character.images],
+                               "pose_image": _source_label(character.pose_image)}
     for name in ("controlnets", "references"):
         record[name] = [
             {**item.model_dump(mode="json", exclude={"image"}), "image": _source_label(item.image)} for item in getattr(request, name)

@@ -13,6 +13,7 @@ file's, and whatever a failed load left behind is deleted.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from .errors import RefgenError
 from .hashing import cached_sha256
@@ -33,9 +34,11 @@ class LoraSet:
         self._adapters: dict[str, str] = {}  # sha256 -> adapter name
         self._active = False  # may any adapter be switched on? (diffusers switches on what it loads)
 
-    def activate(self, specs: list[LoraSpec]) -> list[dict]:
-        """Make exactly `specs` active; returns their identities for provenance."""
-        if not specs:
+    def activate(self, specs: list[LoraSpec], keep: Optional[dict[str, float]] = None) -> list[dict]:
+        """Make exactly `specs` active, plus the already loaded peft adapters in `keep` (name -> weight: an
+        adapter's own LoRA, such as FaceID's); returns the identities of `specs` for provenance."""
+        keep = keep or {}
+        if not specs and not keep:
             self._deactivate()
             return []
         identities = [self._identity(spec) for spec in specs]
@@ -49,6 +52,7 @@ class LoraSet:
         weights: dict[str, float] = {}
         for name, spec in zip(names, specs):
             weights[name] = weights.get(name, 0.0) + spec.weight
+        weights.update(keep)
         self._pipe.enable_lora()
         self._pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
         self._active = True

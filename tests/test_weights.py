@@ -394,3 +394,112 @@ def test_cli_errors_are_one_red_line_not_a_traceback(weights_dir: Path, manifest
         assert isinstance(result.exception, SystemExit)  # a clean exit, no RefgenError escaping
         assert "error:" in result.output and "known: tiny" in result.output
         assert "Traceback" not in result.output
+
+
+# ------------------------------------------------------------- Character Reference adapters
+
+CHARACTER_ADAPTER_FILES = {
+    # name -> (kind, repo, local_dir, the published repo paths, in manifest order)
+    "ip-adapter-faceid-plusv2-sdxl": (
+        "ip-adapter",
+        "h94/IP-Adapter-FaceID",
+        "ip-adapter-faceid",
+        ["ip-adapter-faceid-plusv2_sdxl.bin", "ip-adapter-faceid-plusv2_sdxl_lora.safetensors"],
+    ),
+    "instantid": (
+        "instantid",
+        "InstantX/InstantID",
+        "instantid",
+        ["ip-adapter.bin", "ControlNetModel/config.json", "ControlNetModel/diffusion_pytorch_model.safetensors"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHARACTER_ADAPTER_FILES))
+def test_character_adapter_entries_list_the_published_files_at_a_pinned_commit(name: str) -> None:
+    entry = Manifest.load(COMMITTED_MANIFEST).get(name)
+    kind, repo, local_dir, paths = CHARACTER_ADAPTER_FILES[name]
+    assert (entry.kind, entry.repo, entry.local_dir) == (kind, repo, local_dir)
+    assert [f.path for f in entry.files] == paths
+    # A pinned commit (40 hex digits), not a branch that can move under the hashes.
+    assert len(entry.revision) == 40 and all(c in "0123456789abcdef" for c in entry.revision)
+    # Every weight file carries its published LFS sha256 and size; small configs may rely on the lock.
+    for file in entry.files:
+        if not file.path.endswith(".json"):
+            assert file.sha256 and file.size, (name, file.path)
+
+
+@pytest.mark.parametrize("name", sorted(CHARACTER_ADAPTER_FILES))
+def test_character_adapter_entries_have_license_fields(name: str) -> None:
+    entry = Manifest.load(COMMITTED_MANIFEST).get(name)
+    assert entry.license and entry.license_name
+    assert entry.license_url.startswith("https://huggingface.co/" + entry.repo)
+    assert entry.license_label.endswith(f"({entry.license})")
+
+
+def test_faceid_is_marked_non_commercial_like_the_insightface_packs() -> None:
+    manifest = Manifest.load(COMMITTED_MANIFEST)
+    faceid = manifest.get("ip-adapter-faceid-plusv2-sdxl")
+    for pack in ("insightface-antelopev2", "insightface-buffalo-l"):
+        assert faceid.license == manifest.get(pack).license == "non-commercial-research-only"
+    assert "research purposes" in faceid.license_name and "commercial use" in faceid.license_name
+
+
+def test_instantid_is_apache_per_its_card_with_the_research_only_and_antelopev2_caveats() -> None:
+    manifest = Manifest.load(COMMITTED_MANIFEST)
+    instantid = manifest.get("instantid")
+    assert instantid.license == "apache-2.0"
+    assert "research purposes only" in instantid.license_name  # the GitHub README's disclaimer
+    assert "antelopev2" in instantid.license_name and "antelopev2" in instantid.description
+    assert "insightface-antelopev2" in manifest.names()
+
+
+def test_faceid_uses_the_vit_h_image_encoder_of_the_ip_adapter_sdxl_entry() -> None:
+    manifest = Manifest.load(COMMITTED_MANIFEST)
+    faceid = manifest.get("ip-adapter-faceid-plusv2-sdxl")
+    assert "`ip-adapter-sdxl`" in faceid.description and "ViT-H" in faceid.description
+    encoder_files = {f.path for f in manifest.get("ip-adapter-sdxl").files}
+    assert {"models/image_encoder/config.json", "models/image_encoder/model.safetensors"} <= encoder_files
+    assert not any("image_encoder" in f.path for f in faceid.files)  # not fetched twice
+
+
+def test_every_pickle_in_the_committed_manifest_carries_a_published_sha256() -> None:
+    from engine.loading import PICKLE_SUFFIXES  # imports torch: keep it out of module import
+
+    pickles = [
+        (entry.name, file)
+        for entry in Manifest.load(COMMITTED_MANIFEST).entries
+        for file in entry.files
+        if Path(file.path).suffix.lower() in PICKLE_SUFFIXES
+    ]
+    names = {name for name, _ in pickles}
+    assert {"ip-adapter-faceid-plusv2-sdxl", "instantid", "annotators-openpose"} <= names
+    for name, file in pickles:
+        assert file.sha256, f"{name}: pickle {file.path} has no sha256; refgen refuses unhashed pickles"
+
+
+def test_a_pickled_adapter_with_the_wrong_bytes_is_never_left_on_disk(
+    weights_dir: Path, tmp_path: Path, source: LocalSource
+) -> None:
+    # Same shape as the committed adapters: a .bin pickle next to a safetensors file, each hashed.
+    pickled = b"\x80\x04fake-pickle"
+    source.put("ip-adapter.bin", pickled + b"tampered")
+    files = [
+        {"path": "ip-adapter.bin", "sha256": sha256_of(pickled), "size": len(pickled)},
+        {"path": "unet/weights.safetensors", "sha256": sha256_of(WEIGHTS), "size": len(WEIGHTS)},
+    ]
+    entry = Manifest.load(write_manifest(tmp_path / "m.toml", [component("adapter", files=files)])).get("adapter")
+    with pytest.raises(WeightsIntegrityError, match="ip-adapter.bin"):
+        fetch(entry, download=source, expected_hash=no_hub_hash, progress=False)
+    assert not (weights_dir / "adapter" / "ip-adapter.bin").exists()
+    assert not (weights_dir / "adapter" / STAGING_DIR_NAME).exists()
+
+
+def test_cli_list_shows_the_character_adapters_and_their_licenses(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        weights_app, ["list", "--manifest", str(COMMITTED_MANIFEST), "--weights-dir", str(tmp_path)],
+        env={"COLUMNS": "250"},
+    )
+    assert result.exit_code == 0, result.output
+    for name in CHARACTER_ADAPTER_FILES:
+        assert name in result.output
