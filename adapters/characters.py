@@ -193,7 +193,7 @@ class CharacterStore:
             rgbs.append(rgb)
             faces.append(face)
         embeddings = np.stack([np.asarray(f.embedding, np.float32) for f in faces])
-        mean = _unit_mean(embeddings)
+        mean = unit_mean(embeddings)
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         anchor_files = [f"{ANCHORS_FOLDER}/anchor_{n}.png" for n in range(1, len(rgbs) + 1)]
         profile = {
@@ -339,7 +339,7 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _unit_mean(embeddings: np.ndarray) -> np.ndarray:
+def unit_mean(embeddings: np.ndarray) -> np.ndarray:
     mean = np.mean(embeddings.astype(np.float64), axis=0)
     norm = float(np.linalg.norm(mean))
     if not np.isfinite(mean).all() or norm < 1e-6:

@@ -23,9 +23,10 @@ image's pixels, keypoints in insightface's order (eye, eye, nose tip, mouth corn
 image's left one first); embeddings are 512-d float32, L2-normalised, so identity_score is their dot
 product (ArcFace cosine similarity: ~1 same picture, roughly > 0.4 same person with the real models).
 
-Caching: detection + recognition results are kept in memory (LRU, bounded) keyed by the sha256 of
-the image's RGB pixels and the analyzer's identity (pack, file hashes, detector settings); a
-`FaceCache` can be shared by several analyzers. Aligned crops are cut per call (cheap).
+Caching: detection + recognition results (boxes, keypoints, embeddings) are kept in memory (LRU,
+bounded) and on disk (<cache dir>/faces, one small .npz per image) keyed by the sha256 of the image's
+RGB pixels and the analyzer's identity (pack, file hashes, detector settings); a `FaceCache` can be
+shared by several analyzers. Aligned crops are cut per call (cheap).
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from engine import paths
 from engine import weights as weights_module
 from engine.errors import InvalidImageError, RefgenError
 from engine.hashing import cached_sha256
-from engine.images import ImageSource, load_rgb
+from engine.images import ImageSource, load_rgb, write_atomic
 
 log = logging.getLogger("refgen")
 
@@ -112,6 +114,7 @@ class Face:
     embedding: np.ndarray  # (512,) float32, L2-normalised ArcFace identity
     crop: Image.Image  # aligned RGB crop (insightface's norm_crop), crop_size x crop_size
     image_size: tuple[int, int]  # (width, height) of the analysed image
+    embedding_norm: float = 1.0  # length of the raw ArcFace output (InstantID is fed the raw vector)
 
     @property
     def width(self) -> float:
@@ -134,6 +137,7 @@ class _Detection:
     kps: np.ndarray
     det_score: float
     embedding: np.ndarray
+    embedding_norm: float
 
     @property
     def area(self) -> float:
@@ -141,12 +145,15 @@ class _Detection:
 
 
 class FaceCache:
-    """A bounded, thread-safe LRU of detections keyed by (analyzer identity, image sha256)."""
+    """A bounded, thread-safe LRU of detections keyed by (analyzer identity, image sha256), backed by
+    files in `folder` when one is given (FaceAnalyzer.load uses <cache dir>/faces), so a reference
+    seen in an earlier session skips detection and recognition too."""
 
-    def __init__(self, max_entries: int = 256):
+    def __init__(self, max_entries: int = 256, folder: Optional[Path] = None):
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self.max_entries = max_entries
+        self.folder = folder
         self._entries: OrderedDict[tuple[str, str], tuple[_Detection, ...]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -155,19 +162,41 @@ class FaceCache:
     def get(self, key: tuple[str, str]) -> Optional[tuple[_Detection, ...]]:
         with self._lock:
             found = self._entries.get(key)
+        if found is None:
+            found = self._from_disk(key)
             if found is None:
                 self.misses += 1
                 return None
+            self.put(key, found, persist=False)
+        with self._lock:
             self._entries.move_to_end(key)
             self.hits += 1
             return found
 
-    def put(self, key: tuple[str, str], value: tuple[_Detection, ...]) -> None:
+    def put(self, key: tuple[str, str], value: tuple[_Detection, ...], persist: bool = True) -> None:
         with self._lock:
             self._entries[key] = value
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
+        if persist and self.folder is not None:
+            write_atomic(self._file(key), _detections_npz(value))
+
+    def _file(self, key: tuple[str, str]) -> Path:
+        return self.folder / f"{hashlib.sha256('|'.join(key).encode()).hexdigest()}.npz"
+
+    def _from_disk(self, key: tuple[str, str]) -> Optional[tuple[_Detection, ...]]:
+        if self.folder is None:
+            return None
+        try:
+            with np.load(self._file(key), allow_pickle=False) as data:
+                return tuple(
+                    _Detection(_frozen(box), _frozen(kps), float(score), _frozen(embedding), float(norm))
+                    for box, kps, score, embedding, norm in zip(data["bbox"], data["kps"], data["det_score"], data["embedding"],
+                                                                data["embedding_norm"])
+                )
+        except (OSError, ValueError, KeyError):
+            return None  # absent or damaged: analyse again
 
     def clear(self) -> None:
         with self._lock:
@@ -176,6 +205,18 @@ class FaceCache:
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
+
+
+def _detections_npz(detections: tuple[_Detection, ...]) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, bbox=np.array([d.bbox for d in detections], np.float32).reshape(-1, 4),
+             kps=np.array([d.kps for d in detections], np.float32).reshape(-1, 5, 2),
+             det_score=np.array([d.det_score for d in detections], np.float64),
+             embedding_norm=np.array([d.embedding_norm for d in detections], np.float64),
+             embedding=np.array([d.embedding for d in detections], np.float32).reshape(-1, EMBEDDING_DIM))
+    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------------------------- analyzer
@@ -257,7 +298,7 @@ class FaceAnalyzer:
             det_size=det_size,
             det_thresh=float(det_thresh),
             identity=identity,
-            cache=cache,
+            cache=cache if cache is not None else FaceCache(folder=paths.cache_dir() / "faces"),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -388,6 +429,7 @@ class FaceAnalyzer:
                     kps=_frozen(np.asarray(face.kps, np.float32).reshape(5, 2)),
                     det_score=float(face.det_score),
                     embedding=_frozen(_unit(face.embedding, f"the embedding of a face in {what}")),
+                    embedding_norm=float(np.linalg.norm(np.asarray(face.embedding, np.float64))),
                 )
             )
         # Largest first; equal areas keep the detector's order (by score).
@@ -591,6 +633,7 @@ def _to_face(detection: _Detection, pixels: np.ndarray, crop_size: int, image_si
         embedding=detection.embedding,
         crop=Image.fromarray(aligned, "RGB"),
         image_size=(int(image_size[0]), int(image_size[1])),
+        embedding_norm=detection.embedding_norm,
     )
 
 

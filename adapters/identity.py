@@ -45,7 +45,7 @@ from engine.errors import RefgenError
 from engine.hashing import cached_sha256
 from engine.images import load_rgb
 
-from .characters import FACE_CROP_SIZE, CharacterStore
+from .characters import FACE_CROP_SIZE, CharacterStore, unit_mean
 from .controlnet import ControlGuidance, ReadyControl, control_tensor
 from .faces import FaceAnalyzer, keypoints_image
 from .ip_adapter import AdapterFile, AdapterUse, IPAdapters, cfg_rows
@@ -120,7 +120,8 @@ class Identity:
 
     label: str  # the character's name, or "photos"
     anchor: str  # a profile's identity text, prepended to the prompt ("" for photos)
-    embedding: np.ndarray  # (512,) unit length, made by `pack`'s recogniser
+    embedding: np.ndarray  # (512,) unit length, made by `pack`'s recogniser: FaceID's input, and what scores compare to
+    raw_embedding: np.ndarray  # (512,) mean of the raw ArcFace vectors: InstantID was trained on them unnormalised
     pack: str
     face_crop: Image.Image  # aligned crop of the first image's face (FaceID's CLIP input)
     keypoints: Image.Image  # InstantID's five-keypoint picture, at the size of the image they came from
@@ -128,7 +129,8 @@ class Identity:
     @property
     def fingerprint(self) -> str:
         """sha256 of the identity embedding: replay checks that a profile still means the same person."""
-        return hashlib.sha256(np.ascontiguousarray(self.embedding, np.float32).tobytes()).hexdigest()
+        vectors = np.concatenate([self.embedding, self.raw_embedding]).astype(np.float32)
+        return hashlib.sha256(vectors.tobytes()).hexdigest()
 
 
 class IdentityAdapters:
@@ -158,24 +160,25 @@ class IdentityAdapters:
     # -- identity ---------------------------------------------------------------------------------
 
     def identity(self, ref: CharacterReference, images: list[Image.Image], pose: Optional[Image.Image]) -> Identity:
-        """The averaged identity of a saved character or of photos, its face crop and keypoints.
-
-        Raises the face layer's typed errors naming the image, UnknownCharacterError for a name."""
+        """The averaged identity of a saved character (from its anchor photos) or of photos, the first
+        face's crop and keypoints. Raises the face layer's typed errors naming the image, and
+        UnknownCharacterError for an unknown name. Analyses are cached, so a profile costs nothing twice."""
         analyzer = self.analyzer(ref.adapter)
-        select = "largest" if ref.face_index is None else ref.face_index
         if ref.name is not None:
             character = self.store.get(ref.name)
             pictures = [load_rgb(path, f"anchor image {n} of {character.name!r}") for n, path in enumerate(character.anchor_paths, 1)]
-            same_pack = character.analyzer.get("pack") == analyzer.pack
-            embedding = character.mean_embedding if same_pack else analyzer.embed(pictures, label=f"anchor image of {character.name!r}")
-            label, anchor, what = character.name, character.anchor, f"anchor image 1 of {character.name!r}"
+            label, anchor, select, what = character.name, character.anchor, "largest", f"anchor image {{}} of {character.name!r}"
         else:
-            pictures, label, anchor, what = images, "photos", "", "character image 1"
-            embedding = analyzer.embed(pictures, select=select, label="character image")
-        first = analyzer.analyze(pictures[0], select=select if ref.name is None else "largest", what=what, crop_size=FACE_CROP_SIZE)
-        posed = first if pose is None else analyzer.analyze(pose, what="the pose image", min_face=0)
-        keypoints = keypoints_image(posed.kps, posed.image_size)
-        return Identity(label, anchor, np.asarray(embedding, np.float32), analyzer.pack, first.crop, keypoints)
+            pictures, label, anchor = images, "photos", ""
+            select = "largest" if ref.face_index is None else ref.face_index
+            what = "the character image" if len(images) == 1 else "character image {}"
+        faces = [analyzer.analyze(picture, select=select, what=what.format(n), crop_size=FACE_CROP_SIZE)
+                 for n, picture in enumerate(pictures, 1)]
+        units = np.stack([face.embedding for face in faces]).astype(np.float64)
+        raw = np.mean([face.embedding * face.embedding_norm for face in faces], axis=0)  # InstantID: sum / n of raw vectors
+        posed = faces[0] if pose is None else analyzer.analyze(pose, what="the pose image", min_face=0)
+        return Identity(label, anchor, unit_mean(units), raw.astype(np.float32), analyzer.pack, faces[0].crop,
+                        keypoints_image(posed.kps, posed.image_size))
 
     def score(self, adapter: str, identity: Identity, images: list[Image.Image]) -> list[Optional[float]]:
         """ArcFace cosine of each image's largest face to the identity; None where no face is found."""
@@ -187,8 +190,7 @@ class IdentityAdapters:
     def uses(self, ref: CharacterReference, identity: Identity, batch: int, guided: bool) -> list[AdapterUse]:
         """The IP-Adapter instance of the character (always instance 0, see FACEID_LORA)."""
         adapter_scale, _ = character_scales(ref.scale)
-        embedding = torch.tensor(identity.embedding)[None]  # (1, 512): one image per adapter
-        embeds = cfg_rows(embedding, torch.zeros_like(embedding), batch, guided).to(self._device, self._dtype)
+        embeds = self._id_rows(ref, identity, batch, guided)
         if ref.adapter == "instantid":
             return [AdapterUse(self._adapter_file("instantid"), adapter_scale, embeds[:, :, None])]  # (rows, 1, 1, 512)
         positive, negative = self._ip.encode(identity.face_crop, hidden_states=True)
@@ -207,12 +209,17 @@ class IdentityAdapters:
         if ref.adapter != "instantid" or identitynet_scale == 0:
             return None
         model = self._identity_net()
-        embedding = torch.tensor(identity.embedding)[None]
-        rows = cfg_rows(embedding, torch.zeros_like(embedding), batch, guided).to(self._device, self._dtype)
+        rows = self._id_rows(ref, identity, batch, guided)
         with torch.inference_mode():
             tokens = self._ip.projection(0)(rows)  # (rows, 16, cross)
         image = control_tensor(identity.keypoints, width, height, "crop", rows.shape[0], model)
         return ControlGuidance([ReadyControl(model, image, identitynet_scale, context=tokens.to(model.dtype))])
+
+    def _id_rows(self, ref: CharacterReference, identity: Identity, batch: int, guided: bool) -> torch.Tensor:
+        """(rows, 1, 512) identity embeddings, zeros for the unconditional half (both adapters' convention)."""
+        vector = identity.raw_embedding if ref.adapter == "instantid" else identity.embedding
+        embedding = torch.tensor(vector)[None]  # (1, 512): one image per adapter
+        return cfg_rows(embedding, torch.zeros_like(embedding), batch, guided).to(self._device, self._dtype)
 
     def record(self, adapter: str) -> dict:
         """The files a character request used, for provenance."""

@@ -84,6 +84,12 @@ def generate(
     control: Annotated[Optional[list[str]], typer.Option("--control", help="ControlNet unit TYPE:IMAGE[:WEIGHT[:START:END]], e.g. canny:photo.jpg:0.8 (repeatable).")] = None,
     style: Annotated[Optional[list[str]], typer.Option("--style", help="Style Reference IMAGE[:WEIGHT 0-2 or Low..Max[:INFLUENCE]] (repeatable).")] = None,
     content: Annotated[Optional[str], typer.Option("--content", help="Content Reference IMAGE[:WEIGHT or Low..Max].")] = None,
+    character: Annotated[Optional[list[str]], typer.Option("--character", "-c", help="Character Reference: a saved character's name, or photos of one person (repeatable, averaged).")] = None,
+    character_strength: Annotated[Optional[str], typer.Option("--character-strength", help="Low, Mid (default), High, or a weight 0-2.")] = None,
+    character_adapter: Annotated[str, typer.Option("--character-adapter", help="instantid (strongest likeness) or faceid (lighter, face free to move).")] = "instantid",
+    pose: Annotated[Optional[Path], typer.Option("--pose", help="InstantID: take the face's position and angle from this picture.", dir_okay=False)] = None,
+    face_index: Annotated[Optional[int], typer.Option("--face-index", help="Which face of the character photos (0 = largest).")] = None,
+    best_of: Annotated[Optional[int], typer.Option("--best-of", help="Make N (2-8) and rank them by likeness to the character.")] = None,
     mask: Annotated[Optional[Path], typer.Option("--mask", help="Inpainting mask (white = repaint), same size as --init.", dir_okay=False)] = None,
     feather: Annotated[int, typer.Option("--feather", help="Soft seam inside the mask edge, px.")] = 4,
     upscale_by: Annotated[Optional[int], typer.Option("--upscale", help="ESRGAN x2 or x4 after generation.")] = None,
@@ -110,6 +116,7 @@ def generate(
                 controlnets=[_control_unit(text) for text in control or []], mask_image=mask, mask_feather=feather,
                 upscale=upscale_by, upscaler=upscaler,
                 references=[_reference("style", text) for text in style or []] + ([_reference("content", content)] if content else []),
+                character=_character(character, character_strength, character_adapter, pose, face_index), best_of=best_of,
             )
         except ValidationError as exc:
             _fail(_validation_message(exc))
@@ -122,8 +129,10 @@ def generate(
 def _generate_and_save(engine, request, out: Path) -> None:
     with _progress() as progress:
         result = engine.generate(request, on_step=_step_reporter(progress))
-    for path, seed_used in zip(result.save(out), result.seeds):
-        typer.echo(f"{path}  (seed {seed_used})")
+    for path, seed_used, meta in zip(result.save(out), result.seeds, result.metadata):
+        score = meta.get("identity_score")
+        likeness = "" if score is None else f", identity {score if isinstance(score, str) else f'{score:.3f}'}"
+        typer.echo(f"{path}  (seed {seed_used}{likeness})")
 
 
 def _control_unit(text: str):
@@ -139,6 +148,24 @@ def _control_unit(text: str):
         numbers.insert(0, float(parts.pop()))
     fields = dict(zip(("weight", "start", "end"), numbers))
     return ControlUnit(type=kind, image=":".join(parts), **fields)
+
+
+def _character(values: Optional[list[str]], strength: Optional[str], adapter: str, pose: Optional[Path], face_index: Optional[int]):
+    """--character NAME, or --character photo.jpg [--character photo2.jpg ...] -> CharacterReference."""
+    from adapters.identity import CharacterReference
+
+    from .request import is_number
+
+    if not values:
+        if strength or pose or face_index is not None:
+            raise typer.BadParameter("--character-strength, --pose and --face-index need --character")
+        return None
+    fields: dict = {"adapter": adapter, "pose_image": pose, "face_index": face_index}
+    if strength is not None:
+        fields["weight" if is_number(strength) else "strength_type"] = float(strength) if is_number(strength) else strength
+    if len(values) == 1 and not Path(values[0]).expanduser().is_file():
+        return CharacterReference(name=values[0], **fields)
+    return CharacterReference(images=[Path(value) for value in values], **fields)
 
 
 def _reference(kind: str, text: str):

@@ -1,4 +1,4 @@
-"""`refgen weights list | fetch NAME... | verify [NAME]`.
+"""`refgen weights list | fetch NAME... | verify [NAME] | convert NAME`.
 
 Mounted by the main CLI with `app.add_typer(weights_app, name="weights")`. Errors refgen raises
 on purpose (RefgenError) become one red line and exit code 1, never a traceback.
@@ -99,6 +99,22 @@ def fetch_weights(
         for entry in entries:
             weights.fetch(entry, weights_dir, progress=progress)
     Console().print(f"[green]fetched:[/green] {escape(', '.join(names))}")
+
+
+@weights_app.command("convert")
+def convert_weights(
+    name: Annotated[str, typer.Argument(help="A component with pickled .bin files (ip-adapter-faceid-plusv2-sdxl, instantid).")],
+    weights_dir: WeightsDirOption = None,
+    manifest: ManifestOption = None,
+) -> None:
+    """Convert a component's published .bin pickles to .safetensors once (hash-checked first), so the
+    engine loads them without --allow-pickle."""
+    with _refgen_errors():
+        written = weights.convert_pickles(weights.Manifest.load(manifest).get(name), weights_dir, progress=True)
+    if not written:
+        _fail(f"{name} has no .bin files to convert")
+    for path in written:
+        Console().print(f"[green]converted:[/green] {escape(str(path))}")
 
 
 @weights_app.command("verify")

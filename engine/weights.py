@@ -432,3 +432,36 @@ def _check_file(folder: Path, weight_file: WeightFile, locked: dict[str, Any], p
     size_ok = weight_file.size is None or path.stat().st_size == weight_file.size
     status: CheckStatus = "ok" if actual == expected and size_ok else "mismatch"
     return FileCheck(weight_file.path, status, expected, actual)
+
+
+def convert_pickles(entry: ManifestEntry, weights_dir: Path | str | None = None, progress: bool = False) -> list[Path]:
+    """Write a .safetensors copy beside each pickled `.bin` of an entry (IP-Adapter style nested dicts are
+    flattened to `group.key`, the layout diffusers' loaders read back), so later loads need no pickle.
+
+    Only files whose sha256 matches the manifest (or the fetch lock) are unpickled, and then with torch's
+    weights-only unpickler: the published file, not whatever sits at its path."""
+    import torch
+    from safetensors.torch import save
+
+    written = []
+    for check in verify(entry, weights_dir, progress=progress):
+        if not check.path.endswith(".bin"):
+            continue
+        if check.status != "ok":
+            raise WeightsIntegrityError(
+                f"{entry.name}: {check.path} is {check.status}; only a file matching its published sha256 is "
+                f"converted (refgen weights fetch {entry.name})"
+            )
+        source = entry.folder(weights_dir) / check.path
+        state = torch.load(str(source), map_location="cpu", weights_only=True)
+        flat = {key: tensor.contiguous() for key, tensor in _flatten(state).items()}
+        target = source.with_suffix(".safetensors")
+        write_atomic(target, save(flat))
+        written.append(target)
+    return written
+
+
+def _flatten(state: Any, prefix: str = "") -> dict:
+    if isinstance(state, dict):
+        return {key: value for name, part in state.items() for key, value in _flatten(part, f"{prefix}{name}.").items()}
+    return {prefix[:-1]: state}

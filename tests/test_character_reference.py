@@ -110,9 +110,9 @@ def _diffusers_pipe(tiny_model_dir, pipeline_class="StableDiffusionXLPipeline", 
     return pipe
 
 
-def _id_embeds(analyzers, pack: str, photo) -> torch.Tensor:
+def _id_embeds(vector: np.ndarray) -> torch.Tensor:
     """diffusers' FaceID convention: (2, 1, 512), zeros (unconditional) first."""
-    embedding = torch.from_numpy(analyzers[pack].embed([photo]))[None, None]
+    embedding = torch.tensor(vector)[None, None]
     return torch.cat([torch.zeros_like(embedding), embedding])
 
 
@@ -138,7 +138,7 @@ def test_faceid_plus_v2_matches_diffusers_ip_adapter_faceid_pipeline(char_engine
     projection.clip_embeds, projection.shortcut = clip_embeds, True
     pipe.set_ip_adapter_scale(character_scales(weight)[0])
     theirs = pipe(prompt=PROMPT, width=64, height=64, num_inference_steps=3, guidance_scale=5.0,
-                  ip_adapter_image_embeds=[_id_embeds(analyzers, "buffalo_l", astronaut)], num_images_per_prompt=batch,
+                  ip_adapter_image_embeds=[_id_embeds(analyzers["buffalo_l"].embed([astronaut]))], num_images_per_prompt=batch,
                   generator=[torch.Generator().manual_seed(11 + i) for i in range(batch)], output_type="np").images
     assert _max_diff(ours, theirs) <= TOLERANCE
 
@@ -166,10 +166,11 @@ def test_instantid_matches_diffusers_controlnet_pipeline_fed_face_tokens(char_en
     pipe.load_ip_adapter(str(weights["instantid"]), subfolder="", weight_name="ip-adapter.safetensors", image_encoder_folder=None)
     adapter_scale, identitynet_scale = character_scales(weight)
     pipe.set_ip_adapter_scale(adapter_scale)
-    id_embeds = _id_embeds(analyzers, "antelopev2", astronaut)  # (2, 1, 512)
+    face = analyzers["antelopev2"].analyze(astronaut)
+    assert abs(face.embedding_norm - 1) > 0.1  # so feeding the unit vector instead would show
+    id_embeds = _id_embeds(face.embedding * face.embedding_norm)  # (2, 1, 512): InstantID takes the raw ArcFace vector
     with torch.no_grad():
         identitynet.face_tokens = pipe.unet.encoder_hid_proj.image_projection_layers[0](id_embeds)
-    face = analyzers["antelopev2"].analyze(astronaut)
     kps = fit_image(keypoints_image(face.kps, astronaut.size), 64, 64, "crop")
     theirs = pipe(prompt=PROMPT, image=kps, controlnet_conditioning_scale=identitynet_scale, width=64, height=64,
                   num_inference_steps=3, guidance_scale=5.0, ip_adapter_image_embeds=[id_embeds[:, :, None]],
@@ -227,6 +228,8 @@ def test_several_photos_are_averaged(char_engine, analyzers, astronaut):
     mirrored = ImageOps.mirror(astronaut)
     identity = char_engine.identity.identity(CharacterReference(images=[astronaut, mirrored]), [astronaut, mirrored], None)
     np.testing.assert_allclose(identity.embedding, analyzers["antelopev2"].embed([astronaut, mirrored]), atol=1e-6)
+    faces = [analyzers["antelopev2"].analyze(photo) for photo in (astronaut, mirrored)]
+    np.testing.assert_allclose(identity.raw_embedding, np.mean([f.embedding * f.embedding_norm for f in faces], axis=0), atol=1e-5)
     one = char_engine.identity.identity(CharacterReference(images=[astronaut]), [astronaut], None)
     assert identity.fingerprint != one.fingerprint
 
@@ -345,3 +348,41 @@ def test_the_published_pickle_is_refused_without_allow_pickle(tiny_model_dir, we
     with pytest.raises(UnsafeWeightsError, match="allow_pickle"):
         engine.generate(_request(character=CharacterReference(images=[astronaut])))
     assert FACEID_LORA not in (getattr(engine.pipe.unet, "peft_config", None) or {})
+
+
+def test_converting_the_published_pickle_once_makes_it_load_without_allow_pickle(
+        tiny_model_dir, weights, analyzers, store, astronaut, tmp_path, monkeypatch, char_engine):
+    """`refgen weights convert instantid`: the hash-checked .bin becomes a .safetensors the engine prefers."""
+    import hashlib
+
+    from diffusers import UNet2DConditionModel
+
+    from engine import weights as weights_module
+    from engine.errors import WeightsIntegrityError
+    from test_weights import write_manifest
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_model_dir), subfolder="unet")
+    folder = tmp_path / "weights" / "instantid"
+    pickled = save_tiny_instantid(unet, folder, pickle=True)
+    save_tiny_identitynet(unet, folder)
+    files = [{"path": "ip-adapter.bin", "sha256": hashlib.sha256(pickled.read_bytes()).hexdigest()},
+             {"path": "ControlNetModel/config.json"}, {"path": "ControlNetModel/diffusion_pytorch_model.safetensors"}]
+    manifest = write_manifest(tmp_path / "manifest.toml", [{"name": "instantid", "kind": "instantid", "repo": "InstantX/InstantID",
+                                                              "revision": "main", "license": "apache-2.0", "local_dir": "instantid",
+                                                              "files": files}])
+    monkeypatch.setenv("REFGEN_MANIFEST", str(manifest))
+    monkeypatch.setenv("REFGEN_WEIGHTS", str(tmp_path / "weights"))
+
+    written = weights_module.convert_pickles(weights_module.Manifest.load().get("instantid"))
+    assert written == [folder / "ip-adapter.safetensors"]
+    engine = _equip(Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32"), weights, analyzers, store)
+    engine.identity = IdentityAdapters(engine.ip_adapters, engine.device, engine.dtype, instantid="instantid",
+                                       store=store, analyzers=analyzers)
+    request = _request(character=CharacterReference(images=[astronaut]))
+    assert np.array_equal(engine.generate(request).pixels, char_engine.generate(request).pixels)
+
+    tampered = bytearray(pickled.read_bytes())
+    tampered[-1] ^= 0xFF
+    pickled.write_bytes(bytes(tampered))  # not the published file any more: never unpickled
+    with pytest.raises(WeightsIntegrityError, match="published sha256"):
+        weights_module.convert_pickles(weights_module.Manifest.load().get("instantid"))

@@ -96,3 +96,23 @@ def test_style_and_content_references_parse_weight_strength_and_influence():
     high = _reference("style", "art/c:ink.png:High:2")
     assert (high.image, high.strength_type, high.influence) == ("art/c:ink.png", "High", 2.0)
     assert _reference("content", "layout.png:0.7").weight == 0.7
+
+
+def test_character_options_name_a_profile_or_list_photos(tmp_path):
+    from engine.cli import _character
+
+    photo = tmp_path / "me.jpg"
+    Image.new("RGB", (8, 8)).save(photo)
+    by_name = _character(["mira"], "High", "instantid", None, None)
+    assert (by_name.name, by_name.strength_type, by_name.images) == ("mira", "High", [])
+    by_photos = _character([str(photo), str(photo)], "0.7", "faceid", None, 1)
+    assert (by_photos.name, by_photos.weight, by_photos.adapter, by_photos.face_index) == (None, 0.7, "faceid", 1)
+    assert len(by_photos.images) == 2
+    assert _character(None, None, "instantid", None, None) is None
+
+
+def test_character_options_without_a_character_are_a_usage_error(refgen_home, tmp_path):
+    result = runner.invoke(app, ["generate", "x", "--model", "tiny", "--best-of", "3", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "best_of" in result.output and "character" in result.output
+    result = runner.invoke(app, ["generate", "x", "--model", "tiny", "--pose", __file__, "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--character" in result.output

@@ -447,3 +447,20 @@ def test_refgen_weights_list_shows_the_packs_are_non_commercial(tmp_path):
     for name in ("insightface-antelopev2", "insightface-buffalo-l"):
         (line,) = [row for row in result.output.splitlines() if name in row]
         assert "non-commercial" in line and "missing" in line
+
+
+def test_results_persist_on_disk_for_the_next_session(packs, monkeypatch, astronaut, tmp_path):
+    use_weights(monkeypatch, packs["one"])
+    first = FaceAnalyzer.load("antelopev2", device="cpu", cache=FaceCache(folder=tmp_path / "faces"))
+    analysed = first.analyze(astronaut)
+    first.analyze_all(Image.new("RGB", (64, 64)))  # no face is a result too
+    later = FaceAnalyzer.load("antelopev2", device="cpu", cache=FaceCache(folder=tmp_path / "faces"))
+    monkeypatch.setattr(later.app, "get", lambda *a, **kw: pytest.fail("analysed again despite the disk cache"))
+    again = later.analyze(astronaut)
+    assert np.array_equal(again.embedding, analysed.embedding) and np.array_equal(again.kps, analysed.kps)
+    assert again.det_score == pytest.approx(analysed.det_score) and not again.embedding.flags.writeable
+    assert later.analyze_all(Image.new("RGB", (64, 64))) == []
+    for file in (tmp_path / "faces").iterdir():
+        file.write_bytes(b"damaged")
+    assert np.array_equal(FaceAnalyzer.load("antelopev2", device="cpu", cache=FaceCache(folder=tmp_path / "faces"))
+                          .analyze(astronaut).embedding, analysed.embedding)  # a damaged file is analysed again
