@@ -195,7 +195,8 @@ class IPAdapters:
             return
         for file in files:
             check_pickle(file.folder / file.weight_name, self._allow_pickle)
-        self._register_encoder()  # so diffusers loads no encoder of its own (FaceID/InstantID folders have none)
+        if self._encoder is not None:  # ours, so diffusers loads none (InstantID alone needs no encoder at all)
+            self._register_encoder()
         paths = [Path(file.weight_name) for file in files]
         self._pipe.load_ip_adapter(
             [str(file.folder) for file in files], subfolder=[str(p.parent) if str(p.parent) != "." else "" for p in paths],

@@ -386,3 +386,11 @@ def test_converting_the_published_pickle_once_makes_it_load_without_allow_pickle
     pickled.write_bytes(bytes(tampered))  # not the published file any more: never unpickled
     with pytest.raises(WeightsIntegrityError, match="published sha256"):
         weights_module.convert_pickles(weights_module.Manifest.load().get("instantid"))
+
+
+def test_instantid_alone_needs_no_clip_image_encoder(tiny_model_dir, weights, analyzers, store, astronaut, char_engine):
+    engine = Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32")  # its IP-Adapter folder is not fetched here
+    engine.identity = IdentityAdapters(engine.ip_adapters, engine.device, engine.dtype, instantid=weights["instantid"],
+                                       store=store, analyzers=analyzers)
+    request = _request(character=CharacterReference(images=[astronaut]))
+    assert np.array_equal(engine.generate(request).pixels, char_engine.generate(request).pixels)
