@@ -110,6 +110,11 @@ FACEID_LORA = "faceid_0"  # diffusers names the LoRA of adapter instance k `face
 FACEID_SHORTCUT_SCALE = 1.0  # Plus-v2's s_scale: how much the CLIP-refined tokens add to the ID tokens
 
 
+def ranking(scores: list[Optional[float]]) -> list[int]:
+    """Indices best first: highest identity score first, images without a face last, ties in batch order."""
+    return sorted(range(len(scores)), key=lambda i: (scores[i] is None, -(scores[i] or 0.0)))
+
+
 class CharacterReferenceError(RefgenError):
     """A Character Reference that cannot be served (missing adapter files, unusable profile)."""
 

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 
 from adapters import inpaint
 from adapters.controlnet import ControlNetLibrary, ControlUnit, build_guidance
-from adapters.identity import CharacterReference, Identity, IdentityAdapters
+from adapters.identity import CharacterReference, Identity, IdentityAdapters, ranking
 from adapters.ip_adapter import IPAdapters, Reference
 from adapters.preprocess import Preprocessors, is_preprocessed
 from adapters.upscale import Upscaler
@@ -327,7 +327,7 @@ class Engine:
             meta["identity_score"] = "no face" if score is None else round(score, 6)
         if not ranked:
             return result
-        order = sorted(range(len(scores)), key=lambda i: -2.0 if scores[i] is None else -scores[i])
+        order = ranking(scores)
         for rank, index in enumerate(order, 1):
             result.metadata[index]["rank"] = rank
         return GenerationResult([result.images[i] for i in order], [result.seeds[i] for i in order],

@@ -394,3 +394,10 @@ def test_instantid_alone_needs_no_clip_image_encoder(tiny_model_dir, weights, an
                                        store=store, analyzers=analyzers)
     request = _request(character=CharacterReference(images=[astronaut]))
     assert np.array_equal(engine.generate(request).pixels, char_engine.generate(request).pixels)
+
+
+def test_ranking_puts_the_best_likeness_first_and_faceless_images_last():
+    from adapters.identity import ranking
+
+    assert ranking([0.2, None, 0.9, -0.5, 0.9]) == [2, 4, 0, 3, 1]
+    assert ranking([None, None]) == [0, 1]
