@@ -20,11 +20,22 @@ THIS FILE IS THE AGREED INTERFACE (signatures, dataclasses, errors). Implementat
 
 from __future__ import annotations
 
+import hmac
+import json
+import logging
+import secrets
+import sqlite3
+import threading
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
+from . import paths
 from .errors import RefgenError
+from .images import load_rgb, write_atomic
 
 Status = Literal["PENDING", "COMPLETE", "FAILED"]
 JobKind = Literal["generation", "upscale"]
@@ -116,3 +127,370 @@ class Output:
 #     def release_interrupted(self) -> int                        # claimed-but-unfinished jobs back to the queue
 #     def register_character(self, name: str, folder: Path) -> str   # characters table (id, name, folder, created)
 #     def characters(self) -> list[dict]
+
+
+# ------------------------------------------------------------------------------------ implementation
+
+
+
+log = logging.getLogger("refgen.store")
+
+DATABASE_NAME = "refgen.sqlite3"
+FILES_DIR = "files"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 10_000  # another process (a second server on the same folder) holding the write lock
+
+# Version 1. Later versions append their migration to MIGRATIONS; `_migrate` runs the missing ones in order.
+# `seq` orders jobs (oldest first, newest first): created_at may tie, and VACUUM may renumber a plain rowid.
+_SCHEMA_V1 = """
+CREATE TABLE uploads (
+    id TEXT PRIMARY KEY,
+    extension TEXT NOT NULL,
+    token TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    uploaded INTEGER NOT NULL DEFAULT 0,
+    width INTEGER,
+    height INTEGER
+);
+CREATE TABLE generations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    user_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT,
+    error TEXT,
+    claimed_at TEXT
+);
+CREATE INDEX generations_queue ON generations (status, claimed_at, seq);
+CREATE INDEX generations_user ON generations (user_id, seq);
+CREATE TABLE generated_images (
+    id TEXT PRIMARY KEY,
+    generation_id TEXT NOT NULL REFERENCES generations (id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    identity_score REAL,
+    metadata TEXT NOT NULL,
+    UNIQUE (generation_id, idx)
+);
+CREATE TABLE characters (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    folder TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+"""
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1,)  # MIGRATIONS[n] takes the schema from version n to n + 1
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _checked_id(value: Any) -> str:
+    """`value` if it is a canonical UUID string; anything else is unknown (and never reaches a path)."""
+    if isinstance(value, str) and len(value) == 36:
+        try:
+            if str(uuid.UUID(value)) == value:
+                return value
+        except ValueError:
+            pass
+    raise UnknownAssetError(f"unknown id {str(value)[:80]!r}")
+
+
+def _is_id(value: Any) -> bool:
+    try:
+        _checked_id(value)
+        return True
+    except UnknownAssetError:
+        return False
+
+
+def _score(value: Any) -> Optional[float]:
+    """A finite number, or None ("no face", absent): what the identity_score column holds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    number = float(value)
+    return number if number == number and abs(number) != float("inf") else None
+
+
+class AssetStore:
+    """See the module docstring. Thread-safe: one connection, every use under one lock (the server's
+    request threads and the worker share a store); other processes are kept out by SQLite's own locks."""
+
+    def __init__(self, root: Optional[Path] = None):
+        self.root = Path(root) if root is not None else paths.data_dir() / "api"
+        self.files = self.root / FILES_DIR
+        self.files.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.root / DATABASE_NAME, check_same_thread=False, isolation_level=None,
+                                   timeout=BUSY_TIMEOUT_MS / 1000)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a finished job or an accepted upload survives a power cut too
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> "AssetStore":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- plumbing
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE: the write lock up front, so read-then-write steps cannot interleave."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            version = row["version"] if row else 0
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.root / DATABASE_NAME} has schema version {version}; this refgen knows "
+                                 f"up to {SCHEMA_VERSION}: upgrade refgen")
+            for migration in MIGRATIONS[version:]:
+                for statement in filter(str.strip, migration.split(";")):
+                    db.execute(statement)  # executescript would commit the open transaction (so: no ";" in a statement)
+            db.execute("DELETE FROM schema_version")
+            db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+
+    def _file(self, name: str) -> Path:
+        return self.files / name
+
+    def _remove_files(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                self._file(name).unlink(missing_ok=True)
+            except OSError as exc:  # a leftover file is harmless; a failed delete must not undo the rows
+                log.warning("could not remove %s: %s", self._file(name), exc)
+
+    # -- uploads
+
+    def new_upload(self, extension: str) -> Upload:
+        extension = extension.lower().lstrip(".") if isinstance(extension, str) else extension
+        if extension not in IMAGE_EXTENSIONS:
+            raise StoreError(f"extension {extension!r} is not accepted; use one of {', '.join(IMAGE_EXTENSIONS)}")
+        upload = Upload(id=str(uuid.uuid4()), extension=extension, token=secrets.token_urlsafe(32), created_at=_now())
+        with self._transaction() as db:
+            db.execute("INSERT INTO uploads (id, extension, token, created_at) VALUES (?, ?, ?, ?)",
+                       (upload.id, upload.extension, upload.token, upload.created_at))
+        return upload
+
+    def complete_upload(self, upload_id: str, token: str, data: bytes, max_pixels: int = 40_000_000) -> Upload:
+        upload_id = _checked_id(upload_id)
+        self.upload(upload_id)  # unknown id: 404 before the (slow) decode
+        image = load_rgb(bytes(data), "uploaded image", max_pixels=max_pixels)  # InvalidImageError: nothing written
+        written: Optional[Path] = None
+        try:
+            with self._transaction() as db:  # the write lock is held from the token check to the commit
+                row = db.execute("SELECT * FROM uploads WHERE id = ?", (upload_id,)).fetchone()
+                if row is None:
+                    raise UnknownAssetError(f"unknown upload {upload_id}")
+                if not isinstance(token, str) or not hmac.compare_digest(row["token"].encode(), token.encode()):
+                    raise StoreError("wrong upload token")
+                if row["uploaded"]:
+                    raise StoreError(f"upload {upload_id} was already completed; request a new one")
+                written = write_atomic(self._file(f"{upload_id}.{row['extension']}"), bytes(data))
+                db.execute("UPDATE uploads SET uploaded = 1, width = ?, height = ? WHERE id = ?",
+                           (image.width, image.height, upload_id))
+        except BaseException:
+            if written is not None:  # only our own file: a refused second upload never touches the first
+                written.unlink(missing_ok=True)
+            raise
+        return self.upload(upload_id)
+
+    def upload(self, upload_id: str) -> Upload:
+        rows = self._query("SELECT * FROM uploads WHERE id = ?", (_checked_id(upload_id),))
+        if not rows:
+            raise UnknownAssetError(f"unknown upload {upload_id}")
+        row = rows[0]
+        return Upload(id=row["id"], extension=row["extension"], token=row["token"], created_at=row["created_at"],
+                      uploaded=bool(row["uploaded"]), width=row["width"], height=row["height"])
+
+    def delete_upload(self, upload_id: str) -> None:
+        upload = self.upload(upload_id)
+        with self._transaction() as db:
+            db.execute("DELETE FROM uploads WHERE id = ?", (upload.id,))
+        self._remove_files([f"{upload.id}.{upload.extension}"])
+
+    def upload_path(self, upload_id: str) -> Optional[Path]:
+        """The uploaded file, or None while the upload is still empty. UnknownAssetError for an unknown id."""
+        upload = self.upload(upload_id)
+        return self._file(f"{upload.id}.{upload.extension}") if upload.uploaded else None
+
+    def resolve_image(self, image_id: str, kind: str) -> Optional[Path]:
+        if not _is_id(image_id):
+            return None
+        try:
+            if kind == "UPLOADED":
+                return self.upload_path(image_id)
+            if kind == "GENERATED":
+                return self.generated_image(image_id).path
+        except UnknownAssetError:
+            return None
+        return None
+
+    # -- generations
+
+    def create_generation(self, body: dict, user_id: str = DEFAULT_USER, kind: JobKind = "generation") -> Generation:
+        if kind not in ("generation", "upscale"):
+            raise StoreError(f"unknown job kind {kind!r}")
+        generation_id = str(uuid.uuid4())
+        with self._transaction() as db:
+            db.execute("INSERT INTO generations (id, user_id, kind, status, body, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                       (generation_id, user_id, kind, "PENDING", json.dumps(body), _now()))
+        return self.generation(generation_id)
+
+    def generation(self, generation_id: str) -> Generation:
+        with self._lock:  # the row and its images from one consistent moment
+            rows = self._query("SELECT * FROM generations WHERE id = ?", (_checked_id(generation_id),))
+            if not rows:
+                raise UnknownAssetError(f"unknown generation {generation_id}")
+            return self._generation(rows[0])
+
+    def _generation(self, row: sqlite3.Row) -> Generation:
+        images = self._query("SELECT * FROM generated_images WHERE generation_id = ? ORDER BY idx", (row["id"],))
+        return Generation(
+            id=row["id"], user_id=row["user_id"], kind=row["kind"], status=row["status"], body=json.loads(row["body"]),
+            created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"],
+            error=row["error"], images=tuple(self._image(image) for image in images),
+        )
+
+    def _image(self, row: sqlite3.Row) -> GeneratedImage:
+        return GeneratedImage(id=row["id"], generation_id=row["generation_id"], index=row["idx"], seed=row["seed"],
+                              path=self._file(row["path"]), identity_score=row["identity_score"],
+                              metadata=json.loads(row["metadata"]))
+
+    def list_generations(self, user_id: str, offset: int = 0, limit: int = 10) -> list[Generation]:
+        if offset < 0 or limit < 0:
+            raise StoreError(f"offset and limit must be >= 0, got offset={offset}, limit={limit}")
+        with self._lock:
+            rows = self._query("SELECT * FROM generations WHERE user_id = ? ORDER BY seq DESC LIMIT ? OFFSET ?",
+                               (user_id, limit, offset))
+            return [self._generation(row) for row in rows]
+
+    def delete_generation(self, generation_id: str) -> None:
+        generation_id = _checked_id(generation_id)
+        with self._transaction() as db:
+            names = [row["path"] for row in db.execute(
+                "SELECT path FROM generated_images WHERE generation_id = ?", (generation_id,))]
+            db.execute("DELETE FROM generated_images WHERE generation_id = ?", (generation_id,))
+            if db.execute("DELETE FROM generations WHERE id = ?", (generation_id,)).rowcount == 0:
+                raise UnknownAssetError(f"unknown generation {generation_id}")
+        self._remove_files(names)  # after the commit: a crash in between leaves files, never rows without files
+
+    def generated_image(self, image_id: str) -> GeneratedImage:
+        rows = self._query("SELECT * FROM generated_images WHERE id = ?", (_checked_id(image_id),))
+        if not rows:
+            raise UnknownAssetError(f"unknown generated image {image_id}")
+        return self._image(rows[0])
+
+    # -- the queue
+
+    def pending_count(self) -> int:
+        return self._query("SELECT COUNT(*) AS n FROM generations WHERE status = 'PENDING'")[0]["n"]
+
+    def claim_next(self) -> Optional[Generation]:
+        with self._transaction() as db:
+            row = db.execute("SELECT id FROM generations WHERE status = 'PENDING' AND claimed_at IS NULL "
+                             "ORDER BY seq LIMIT 1").fetchone()
+            if row is None:
+                return None
+            now = _now()
+            claimed = db.execute("UPDATE generations SET claimed_at = ?, started_at = ? "
+                                 "WHERE id = ? AND status = 'PENDING' AND claimed_at IS NULL", (now, now, row["id"]))
+            if claimed.rowcount != 1:  # cannot happen under BEGIN IMMEDIATE; checked so it never double-runs
+                return None
+        return self.generation(row["id"])
+
+    def complete_generation(self, generation_id: str, outputs: list[Output]) -> Generation:
+        generation_id = _checked_id(generation_id)
+        self._require_pending(generation_id)  # fail before writing files when we already know
+        written = [(str(uuid.uuid4()), output) for output in outputs]
+        try:
+            for image_id, output in written:  # files first: a row never points at a missing file
+                write_atomic(self._file(f"{image_id}.png"), output.png)
+            with self._transaction() as db:
+                self._require_pending(generation_id, db)
+                db.executemany(
+                    "INSERT INTO generated_images (id, generation_id, idx, seed, path, identity_score, metadata) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(image_id, generation_id, index, int(output.seed), f"{image_id}.png",
+                      _score(output.identity_score), json.dumps(output.metadata))
+                     for index, (image_id, output) in enumerate(written)])
+                db.execute("UPDATE generations SET status = 'COMPLETE', finished_at = ?, error = NULL WHERE id = ?",
+                           (_now(), generation_id))
+        except BaseException:
+            self._remove_files([f"{image_id}.png" for image_id, _ in written])
+            raise
+        return self.generation(generation_id)
+
+    def _require_pending(self, generation_id: str, db: Optional[sqlite3.Connection] = None) -> None:
+        """UnknownAssetError if deleted meanwhile; StoreError if already finished (never recorded twice)."""
+        with self._lock:
+            row = (db or self._db).execute("SELECT status FROM generations WHERE id = ?", (generation_id,)).fetchone()
+        if row is None:
+            raise UnknownAssetError(f"unknown generation {generation_id} (deleted while it ran?)")
+        if row["status"] != "PENDING":
+            raise StoreError(f"generation {generation_id} is already {row['status']}")
+
+    def fail_generation(self, generation_id: str, error: str) -> Generation:
+        generation_id = _checked_id(generation_id)
+        with self._transaction() as db:
+            self._require_pending(generation_id, db)
+            db.execute("UPDATE generations SET status = 'FAILED', finished_at = ?, error = ? WHERE id = ?",
+                       (_now(), str(error), generation_id))
+        return self.generation(generation_id)
+
+    def release_interrupted(self) -> int:
+        """Call once at start-up, before any worker of this folder runs: every claim then is a dead one."""
+        with self._transaction() as db:
+            released = db.execute("UPDATE generations SET claimed_at = NULL, started_at = NULL "
+                                  "WHERE status = 'PENDING' AND claimed_at IS NOT NULL").rowcount
+        if released:
+            log.info("released %d interrupted job(s) back to the queue", released)
+        return released
+
+    # -- characters
+
+    def register_character(self, name: str, folder: Path) -> str:
+        """The character's id; registering a known name again points it at `folder` and keeps its id."""
+        if not isinstance(name, str) or not name.strip():
+            raise StoreError("a character needs a name")
+        with self._transaction() as db:
+            row = db.execute("SELECT id FROM characters WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                db.execute("UPDATE characters SET folder = ? WHERE id = ?", (str(folder), row["id"]))
+                return row["id"]
+            character_id = str(uuid.uuid4())
+            db.execute("INSERT INTO characters (id, name, folder, created_at) VALUES (?, ?, ?, ?)",
+                       (character_id, name, str(folder), _now()))
+            return character_id
+
+    def characters(self) -> list[dict]:
+        rows = self._query("SELECT id, name, folder, created_at FROM characters ORDER BY name")
+        return [dict(row) for row in rows]

@@ -1,0 +1,215 @@
+"""The local API's job runner: one worker thread takes queued generations from the AssetStore, runs
+them on one loaded Engine and records the images (or the error).
+
+    store = AssetStore()
+    worker = Worker(store, EngineRunner(store))
+    worker.start()            # releases jobs a previous process left half-done, then serves the queue
+    store.create_generation(body); worker.notify()   # the server after each POST: no polling delay
+    worker.stop()             # after the current job
+
+A job that fails is recorded FAILED with its error and the worker goes on with the next one: refgen's
+own errors (a bad request, a missing weight file) keep their message, which names the Leonardo field
+where there is one; anything else is recorded as "<ExceptionType>: message" and logged with its traceback.
+
+One worker, one thread, one Engine: an Engine is not thread-safe, and one GPU runs one SDXL batch at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Optional, Protocol
+
+from .errors import RefgenError
+from .images import load_rgb
+from .leonardo import LeonardoRequestError, ModelTable, local_model, parse_generation
+from .provenance import png_bytes
+from .store import AssetStore, Generation, Output, StoreError, UnknownAssetError
+
+log = logging.getLogger("refgen.jobs")
+
+DEFAULT_UPSCALER = "realesrgan-x4plus"
+
+
+class Runner(Protocol):
+    """Runs one claimed job and returns its images; raises to fail it."""
+
+    def __call__(self, job: Generation) -> list[Output]: ...
+
+
+class JobError(RefgenError):
+    """A job the runner cannot run (an unknown kind)."""
+
+
+def _number(value: Any) -> Optional[float]:
+    """The identity score when it is one ("no face" and absent are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _default_load_engine(name: str):
+    from .engine import Engine  # torch and diffusers only when a real engine is wanted
+
+    return Engine.load(name)
+
+
+class EngineRunner:
+    """Generation jobs on an Engine (kept loaded; reloaded only when a job names another model) and
+    upscale jobs on an ESRGAN upscaler (loaded on the first upscale job)."""
+
+    def __init__(self, store: AssetStore, load_engine: Optional[Callable[[str], Any]] = None,
+                 models: Optional[ModelTable] = None, upscaler: str = DEFAULT_UPSCALER):
+        self.store = store
+        self.load_engine = load_engine or _default_load_engine
+        self.models = models  # None: the built-in table + the user's file, read per job (edits apply at once)
+        self.upscaler_reference = upscaler
+        self._engine: Any = None
+        self._engine_name: Optional[str] = None
+        self._upscaler: Any = None
+
+    def __call__(self, job: Generation) -> list[Output]:
+        if job.kind == "generation":
+            return self.generate(job.body)
+        if job.kind == "upscale":
+            return self.upscale(job.body)
+        raise JobError(f"unknown job kind {job.kind!r}")
+
+    def generate(self, body: Mapping[str, Any]) -> list[Output]:
+        models = self.models or ModelTable.load()
+        request = parse_generation(body, images=self.store.resolve_image, models=models)
+        engine = self.engine(local_model(body, models))
+        result = engine.generate(request)
+        return [Output(png=png_bytes(image, meta), seed=seed, metadata=meta, identity_score=_number(meta.get("identity_score")))
+                for image, seed, meta in zip(result.images, result.seeds, result.metadata)]
+
+    def engine(self, name: str):
+        """The engine for local model `name`: the loaded one, or a fresh load that replaces it."""
+        if self._engine is None or self._engine_name != name:
+            self._engine, self._engine_name = None, None  # drop the old model before loading the next (GPU memory)
+            log.info("loading model %s", name)
+            started = time.monotonic()
+            self._engine = self.load_engine(name)
+            self._engine_name = name
+            log.info("model %s loaded in %.1f s", name, time.monotonic() - started)
+        return self._engine
+
+    def upscale(self, body: Mapping[str, Any]) -> list[Output]:
+        """{"id": generated image id} -> that image at 4x, its provenance kept plus an "upscale" record."""
+        image_id = body.get("id") if isinstance(body, Mapping) else None
+        try:
+            source = self.store.generated_image(image_id)
+        except UnknownAssetError:
+            raise LeonardoRequestError("id", f"unknown generated image id {image_id!r}") from None
+        picture = load_rgb(source.path, "generated image")
+        upscaler = self.upscaler()
+        result = upscaler.upscale(picture, progress=False)
+        meta = copy.deepcopy(source.metadata)
+        meta["upscale"] = _upscale_record(source.id, picture.size, result.size, upscaler, meta.get("upscale"))
+        return [Output(png=png_bytes(result, meta), seed=source.seed, metadata=meta, identity_score=source.identity_score)]
+
+    def upscaler(self):
+        if self._upscaler is None:
+            from adapters.upscale import Upscaler  # torch and spandrel only when an upscale job comes
+
+            self._upscaler = Upscaler.load(self.upscaler_reference)
+            if self._upscaler.notice:
+                log.warning(self._upscaler.notice)
+        return self._upscaler
+
+
+def _upscale_record(source_id: str, source_size, size, upscaler, previous: Optional[dict]) -> dict:
+    """What the upscale did; `meta["image"]` keeps describing the generated (replayable) image."""
+    record = {"source_image_id": source_id, "source_size": list(source_size), "size": list(size),
+              "scale": upscaler.scale, "model": upscaler.identity()}
+    if previous is not None:  # an upscale of an upscale keeps the whole chain
+        record["previous"] = previous
+    return record
+
+
+class Worker:
+    """One daemon thread: claim the oldest queued job, run it, record the result; repeat. Never dies on a job."""
+
+    def __init__(self, store: AssetStore, runner: Runner, poll_seconds: float = 0.5):
+        self.store = store
+        self.runner = runner
+        self.poll_seconds = poll_seconds
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self.store.release_interrupted()  # claims left by a process that died: run them again
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._loop, name="refgen-worker", daemon=True)
+        self._thread.start()
+
+    def notify(self) -> None:
+        """A job was queued: look now instead of at the next poll."""
+        self._wake.set()
+
+    def stop(self, timeout: Optional[float] = None) -> bool:
+        """Stop after the current job; True once the thread has ended."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.running
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()  # before looking: a notify() during the job makes the wait return at once
+            try:
+                worked = self.run_once()
+            except Exception:  # the store itself failed (disk, locked database): retry after a pause
+                log.exception("worker: cannot reach the job queue")
+                worked = False
+            if not worked:
+                self._wake.wait(self.poll_seconds)
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when the queue was empty."""
+        job = self.store.claim_next()
+        if job is None:
+            return False
+        self._run(job)
+        return True
+
+    def _run(self, job: Generation) -> None:
+        started = time.monotonic()
+        log.info("job %s (%s) started", job.id, job.kind)
+        try:
+            outputs = self.runner(job)
+        except Exception as exc:
+            self._fail(job, exc, time.monotonic() - started)
+            return
+        try:
+            self.store.complete_generation(job.id, outputs)
+        except UnknownAssetError:
+            log.info("job %s was deleted while it ran; its %d image(s) were discarded", job.id, len(outputs))
+            return
+        except Exception as exc:  # e.g. a full disk: the job fails rather than staying claimed forever
+            self._fail(job, exc, time.monotonic() - started)
+            return
+        log.info("job %s complete: %d image(s) in %.1f s", job.id, len(outputs), time.monotonic() - started)
+
+    def _fail(self, job: Generation, exc: Exception, seconds: float) -> None:
+        if isinstance(exc, RefgenError):
+            error = str(exc)
+            log.warning("job %s failed after %.1f s: %s", job.id, seconds, error)
+        else:
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("job %s failed after %.1f s", job.id, seconds, exc_info=exc)
+        try:
+            self.store.fail_generation(job.id, error)
+        except (UnknownAssetError, StoreError) as store_exc:  # deleted meanwhile, or already finished
+            log.info("job %s: failure not recorded (%s)", job.id, store_exc)

@@ -1,0 +1,291 @@
+"""AssetStore: uploads, the job queue, generated images, ids that must never become paths."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import threading
+import uuid
+
+import pytest
+from hypothesis import given, settings, strategies as st
+from PIL import Image
+
+from engine.errors import InvalidImageError
+from engine.store import (
+    DATABASE_NAME, SCHEMA_VERSION, AssetStore, Output, StoreError, UnknownAssetError,
+)
+
+BAD_IDS = ["../../etc/passwd", "..", "", "x" * 36, "/etc/passwd", None, 123,
+           str(uuid.uuid4()).upper(), "{" + str(uuid.uuid4()) + "}", str(uuid.uuid4()).replace("-", ""),
+           str(uuid.uuid4()) + "/../../x", "urn:uuid:" + str(uuid.uuid4())]
+
+
+def png(width: int = 32, height: int = 24, colour=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def output(seed: int = 1, score=None) -> Output:
+    return Output(png=png(), seed=seed, metadata={"image": {"seed": seed}}, identity_score=score)
+
+
+def files(store: AssetStore) -> list[str]:
+    return sorted(path.name for path in store.files.iterdir())
+
+
+@pytest.fixture
+def store(tmp_path):
+    with AssetStore(tmp_path / "api") as opened:
+        yield opened
+
+
+# ---------------------------------------------------------------------------------------- uploads
+
+def test_upload_round_trip(store):
+    upload = store.new_upload("PNG")
+    assert upload.extension == "png" and not upload.uploaded
+    assert store.resolve_image(upload.id, "UPLOADED") is None  # nothing to use yet
+    data = png(40, 16)
+    done = store.complete_upload(upload.id, upload.token, data)
+    assert (done.uploaded, done.width, done.height) == (True, 40, 16)
+    path = store.resolve_image(upload.id, "UPLOADED")
+    assert path == store.files / f"{upload.id}.png" and path.read_bytes() == data
+    assert store.upload(upload.id) == done
+    assert store.resolve_image(upload.id, "GENERATED") is None  # kinds do not mix
+
+
+def test_upload_token_is_checked_and_one_time(store):
+    upload = store.new_upload("jpg")
+    with pytest.raises(StoreError, match="token"):
+        store.complete_upload(upload.id, "not-the-token", png())
+    assert files(store) == [] and not store.upload(upload.id).uploaded
+    first = png(colour=(1, 2, 3))
+    store.complete_upload(upload.id, upload.token, first)
+    with pytest.raises(StoreError, match="already"):
+        store.complete_upload(upload.id, upload.token, png(colour=(9, 9, 9)))
+    assert store.resolve_image(upload.id, "UPLOADED").read_bytes() == first  # the refused second never wrote
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", png()[:60], b"\x89PNG\r\n\x1a\n" + b"\0" * 100])
+def test_broken_upload_writes_nothing(store, data):
+    upload = store.new_upload("png")
+    with pytest.raises(InvalidImageError):
+        store.complete_upload(upload.id, upload.token, data)
+    assert files(store) == [] and not store.upload(upload.id).uploaded
+
+
+def test_oversized_upload_is_refused(store):
+    upload = store.new_upload("png")
+    with pytest.raises(InvalidImageError, match="limit"):
+        store.complete_upload(upload.id, upload.token, png(100, 100), max_pixels=5_000)
+    assert files(store) == []
+
+
+@pytest.mark.parametrize("extension", ["exe", "../png", "", "png/../x", None, "gif"])
+def test_bad_extension(store, extension):
+    with pytest.raises(StoreError):
+        store.new_upload(extension)
+
+
+def test_delete_upload_removes_file(store):
+    upload = store.new_upload("png")
+    store.complete_upload(upload.id, upload.token, png())
+    store.delete_upload(upload.id)
+    assert files(store) == []
+    with pytest.raises(UnknownAssetError):
+        store.upload(upload.id)
+    with pytest.raises(UnknownAssetError):
+        store.delete_upload(upload.id)
+
+
+# -------------------------------------------------------------------------------------------- ids
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_non_uuid_ids_are_unknown(store, bad):
+    for call in (store.upload, store.delete_upload, store.generation, store.delete_generation,
+                 store.generated_image, lambda i: store.fail_generation(i, "x"),
+                 lambda i: store.complete_generation(i, [output()]),
+                 lambda i: store.complete_upload(i, "token", png())):
+        with pytest.raises(UnknownAssetError):
+            call(bad)
+    assert store.resolve_image(bad, "UPLOADED") is None
+    assert store.resolve_image(bad, "GENERATED") is None
+    assert files(store) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=40))
+def test_any_other_text_is_unknown(tmp_path_factory, text):
+    root = tmp_path_factory.mktemp("ids")
+    with AssetStore(root) as store:
+        try:
+            is_canonical = str(uuid.UUID(text)) == text
+        except ValueError:
+            is_canonical = False
+        if not is_canonical:
+            with pytest.raises(UnknownAssetError):
+                store.generation(text)
+            assert store.resolve_image(text, "UPLOADED") is None
+
+
+def test_unknown_valid_uuid(store):
+    with pytest.raises(UnknownAssetError):
+        store.generation(str(uuid.uuid4()))
+    assert store.resolve_image(str(uuid.uuid4()), "GENERATED") is None
+
+
+# -------------------------------------------------------------------------------------- the queue
+
+def test_generation_lifecycle(store):
+    job = store.create_generation({"prompt": "a fox"})
+    assert (job.status, job.user_id, job.kind, job.started_at) == ("PENDING", "local", "generation", None)
+    assert store.pending_count() == 1
+    claimed = store.claim_next()
+    assert claimed.id == job.id and claimed.started_at is not None
+    assert store.claim_next() is None and store.pending_count() == 1  # running still counts
+    done = store.complete_generation(job.id, [output(7, 0.5), output(8, "no face")])
+    assert done.status == "COMPLETE" and done.finished_at and store.pending_count() == 0
+    assert [(i.index, i.seed, i.identity_score) for i in done.images] == [(0, 7, 0.5), (1, 8, None)]
+    first = done.images[0]
+    assert first.path.read_bytes() == png() and first.metadata == {"image": {"seed": 7}}
+    assert store.generated_image(first.id) == first
+    assert store.resolve_image(first.id, "GENERATED") == first.path
+    assert store.generation(job.id) == done
+
+
+def test_complete_twice_is_refused(store):
+    job = store.create_generation({"prompt": "x"})
+    store.complete_generation(job.id, [output()])
+    with pytest.raises(StoreError, match="already COMPLETE"):
+        store.complete_generation(job.id, [output()])
+    assert len(store.generation(job.id).images) == 1 and len(files(store)) == 1
+
+
+def test_fail_generation(store):
+    job = store.create_generation({"prompt": "x"})
+    failed = store.fail_generation(job.id, "init_image_id: unknown")
+    assert (failed.status, failed.error) == ("FAILED", "init_image_id: unknown") and failed.finished_at
+    with pytest.raises(StoreError):
+        store.complete_generation(job.id, [output()])
+    assert files(store) == [] and store.pending_count() == 0
+
+
+def test_list_generations_newest_first(store):
+    ids = [store.create_generation({"n": n}).id for n in range(5)]
+    store.create_generation({"n": "other"}, user_id="someone-else")
+    assert [g.id for g in store.list_generations("local")] == ids[::-1]
+    assert [g.id for g in store.list_generations("local", offset=1, limit=2)] == ids[3:1:-1]
+    assert store.list_generations("nobody") == []
+
+
+def test_delete_generation_removes_rows_and_files(store):
+    job = store.create_generation({"prompt": "x"})
+    done = store.complete_generation(job.id, [output(1), output(2)])
+    store.delete_generation(job.id)
+    assert files(store) == []
+    for call, target in ((store.generation, job.id), (store.generated_image, done.images[0].id),
+                         (store.delete_generation, job.id)):
+        with pytest.raises(UnknownAssetError):
+            call(target)
+
+
+def test_complete_after_delete_leaves_no_files(store):
+    job = store.create_generation({"prompt": "x"})
+    store.claim_next()
+    store.delete_generation(job.id)
+    with pytest.raises(UnknownAssetError):
+        store.complete_generation(job.id, [output(1), output(2)])
+    assert files(store) == []
+
+
+def test_complete_deleted_between_write_and_commit(store, monkeypatch):
+    """The race the pre-check cannot see: the job is deleted while its files are being written."""
+    job = store.create_generation({"prompt": "x"})
+    import engine.store as store_module
+
+    real_write = store_module.write_atomic
+
+    def write_then_delete(path, data):
+        written = real_write(path, data)
+        if store.pending_count():
+            store.delete_generation(job.id)
+        return written
+
+    monkeypatch.setattr(store_module, "write_atomic", write_then_delete)
+    with pytest.raises(UnknownAssetError):
+        store.complete_generation(job.id, [output(1), output(2)])
+    assert files(store) == []
+
+
+def test_claim_is_atomic_across_threads_and_connections(tmp_path):
+    stores = [AssetStore(tmp_path), AssetStore(tmp_path)]  # two connections: SQLite's lock, not ours, decides
+    ids = {stores[0].create_generation({"n": n}).id for n in range(40)}
+    claimed: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def claim_all(store):
+        barrier.wait()
+        while (job := store.claim_next()) is not None:
+            claimed.append(job.id)
+
+    threads = [threading.Thread(target=claim_all, args=(stores[n % 2],)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(claimed) == sorted(ids)  # every job once, none twice
+    for store in stores:
+        store.close()
+
+
+def test_claim_order_is_oldest_first(store):
+    ids = [store.create_generation({"n": n}).id for n in range(3)]
+    assert [store.claim_next().id for _ in ids] == ids
+
+
+def test_release_interrupted_after_restart(tmp_path):
+    first = AssetStore(tmp_path)
+    job = first.create_generation({"prompt": "x"})
+    first.claim_next()
+    del first  # the process "died" holding the claim
+    second = AssetStore(tmp_path)
+    assert second.claim_next() is None  # still claimed until released
+    assert second.release_interrupted() == 1
+    assert second.generation(job.id).started_at is None
+    assert second.claim_next().id == job.id
+    assert second.release_interrupted() == 1 and second.release_interrupted() == 0
+    second.close()
+
+
+# ----------------------------------------------------------------------------------- the database
+
+def test_reopen_keeps_everything_and_wal(tmp_path):
+    with AssetStore(tmp_path) as store:
+        job = store.create_generation({"prompt": "x"})
+        store.complete_generation(job.id, [output()])
+    with AssetStore(tmp_path) as store:
+        assert store.generation(job.id).status == "COMPLETE"
+    with sqlite3.connect(tmp_path / DATABASE_NAME) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_newer_schema_is_refused(tmp_path):
+    AssetStore(tmp_path).close()
+    with sqlite3.connect(tmp_path / DATABASE_NAME) as db:
+        db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    with pytest.raises(StoreError, match="upgrade refgen"):
+        AssetStore(tmp_path)
+
+
+def test_characters(store, tmp_path):
+    first = store.register_character("ada", tmp_path / "ada")
+    assert store.register_character("ada", tmp_path / "ada2") == first  # same name: same character
+    store.register_character("bob", tmp_path / "bob")
+    listed = store.characters()
+    assert [(c["name"], c["folder"]) for c in listed] == [("ada", str(tmp_path / "ada2")), ("bob", str(tmp_path / "bob"))]
+    assert listed[0]["id"] == first and listed[0]["created_at"]
+    with pytest.raises(StoreError):
+        store.register_character("  ", tmp_path)
