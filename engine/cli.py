@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .cli_character import character_app
+from .cli_serve import serve
 from .cli_sheet import sheet
 from .cli_upscale import upscale
 from .cli_weights import _fail, _refgen_errors, weights_app
@@ -281,6 +282,7 @@ def _text(value) -> str:
 
 app.command()(upscale)  # defined in cli_upscale.py / cli_sheet.py; registered last so `refgen --help` lists generate first
 app.command()(sheet)
+app.command()(serve)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,481 @@
+"""refgen's local HTTP API: Leonardo.ai's REST v1 paths and JSON shapes, served from this machine.
+
+    app = create_app(AssetStore(), worker, api_key="...")     # a FastAPI app; OpenAPI UI at /docs
+    serve(host="127.0.0.1", port=8377)                        # what `refgen serve` runs
+
+Every path is under /api/rest/v1, so a Leonardo client works after changing its base URL:
+
+| method + path                       | Leonardo answer key                   | notes                                   |
+|-------------------------------------|---------------------------------------|-----------------------------------------|
+| POST   /generations                 | sdGenerationJob {generationId}        | validated before queueing; 429 if full  |
+| GET    /generations/{id}            | generations_by_pk                     | refgen facts under "refgen"             |
+| GET    /generations/user/{userId}   | generations (offset, limit)           | newest first; upscales are variations   |
+| DELETE /generations/{id}            | delete_generations_by_pk {id}         |                                         |
+| POST   /init-image                  | uploadInitImage {id, url, fields, key}| then POST multipart fields + file to url|
+| POST   /uploads/{id}                | 204 (like S3's presigned POST)        | authorised by the one-time token        |
+| GET    /init-image/{id}             | init_images_by_pk                     |                                         |
+| DELETE /init-image/{id}             | delete_init_images_by_pk {id}         |                                         |
+| POST   /variations/upscale          | sdUpscaleJob {id}                     | body {"id": generated image id}         |
+| GET    /variations/{id}             | generated_image_variation_generic     | transformType UPSCALE                   |
+| GET    /me                          | user_details                          | a single local user                     |
+| GET    /files/{uuid}.{ext}          | the image bytes                       | the URLs the answers above hand out     |
+
+Errors: {"error": message, "field": Leonardo path or null}. A body refgen cannot run (including an
+image id in the body that the store does not know) is 422 naming the field; an id in the URL that
+is unknown (or not a UUID at all) is 404; a full queue is 429 with Retry-After.
+
+Security: with an API key every path needs `Authorization: Bearer <key>` (compared in constant
+time), except /docs and /openapi.json, the upload URL (its one-time token authorises it, as a
+presigned S3 POST does) and /files/ (the image URLs are capabilities: random UUID4 names, handed out
+only to authorised callers, like Leonardo's CDN links). `serve()` refuses a non-loopback address
+without a key. No user-supplied string ever becomes a file path: /files/ looks ids up in the store.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Optional
+
+from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from .errors import InvalidImageError, RefgenError
+from .leonardo import LeonardoRequestError, ModelTable, parse_generation
+from .store import DEFAULT_USER, IMAGE_EXTENSIONS, AssetStore, Generation, GeneratedImage, StoreError, UnknownAssetError
+
+log = logging.getLogger("refgen.server")
+
+PREFIX = "/api/rest/v1"
+DEFAULT_PORT = 8377
+MAX_UPLOAD_BYTES = 20 * 2**20
+MULTIPART_OVERHEAD = 64 * 2**10  # form fields and boundaries around the file
+RETRY_AFTER_SECONDS = 10
+MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}
+FILE_NAME = re.compile(r"^(?P<id>[0-9a-fA-F-]{32,36})\.(?P<ext>png|jpg|jpeg|webp)$")
+
+
+class ServeError(RefgenError):
+    """The server cannot start as configured (e.g. a public address without an API key)."""
+
+
+class UploadTooLarge(Exception):
+    """Raised while streaming an upload body past the limit."""
+
+
+# ------------------------------------------------------------------------------------------- app
+
+class UpscaleBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    isVariation: Optional[bool] = None  # Leonardo's variation flag; refgen upscales generated images only
+
+
+class InitImageBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    extension: str
+
+
+def create_app(store: AssetStore, worker=None, *, api_key: Optional[str] = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               max_pixels: int = 40_000_000, max_queue: int = 64, models: Optional[ModelTable] = None) -> FastAPI:
+    """The API over `store`; `worker.notify()` is called whenever a job is queued (worker None: jobs only queue)."""
+    app = FastAPI(title="refgen local API", version="1",
+                  description="Leonardo.ai-compatible REST v1 API over a local SDXL engine. See engine/server.py.")
+    context = _Context(store, worker, models or ModelTable.load(), max_upload_bytes, max_pixels, max_queue)
+    app.include_router(_api_router(context), prefix=PREFIX, dependencies=[Depends(_authoriser(api_key))])
+    app.include_router(_public_router(context), prefix=PREFIX)
+    _install_error_handlers(app)
+    return app
+
+
+class _Context:
+    """What the route functions share (created per app, never module state)."""
+
+    def __init__(self, store, worker, models, max_upload_bytes, max_pixels, max_queue):
+        self.store, self.worker, self.models = store, worker, models
+        self.max_upload_bytes, self.max_pixels, self.max_queue = max_upload_bytes, max_pixels, max_queue
+
+    def queue(self, body: dict, kind: str = "generation") -> Generation:
+        if self.store.pending_count() >= self.max_queue:
+            raise HTTPException(429, f"the queue is full ({self.max_queue} jobs); retry later",
+                                headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        generation = self.store.create_generation(body, DEFAULT_USER, kind=kind)
+        if self.worker is not None:
+            self.worker.notify()
+        return generation
+
+
+def _authoriser(api_key: Optional[str]):
+    bearer = HTTPBearer(auto_error=False, description="The server's API key (refgen serve --api-key / REFGEN_API_KEY).")
+
+    def authorise(credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+        if api_key is None:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode("utf-8"), api_key.encode("utf-8")):
+            what = "missing" if credentials is None else "wrong"
+            raise HTTPException(401, f"{what} API key: send 'Authorization: Bearer <key>'",
+                                headers={"WWW-Authenticate": 'Bearer realm="refgen"'})
+
+    return authorise
+
+
+# -------------------------------------------------------------------------------------- API routes
+
+def _api_router(ctx: _Context) -> APIRouter:
+    router = APIRouter()
+    _generation_routes(router, ctx)
+    _init_image_routes(router, ctx)
+    _variation_routes(router, ctx)
+
+    @router.get("/me", tags=["user"])
+    def me() -> dict:
+        return {"user_details": [{
+            "user": {"id": DEFAULT_USER, "username": "local"}, "tokenRenewalDate": None, "paidTokens": 0,
+            "subscriptionTokens": 0, "subscriptionGptTokens": 0, "subscriptionModelTokens": 0, "apiConcurrencySlots": 1,
+            "apiPaidTokens": 0, "apiSubscriptionTokens": 0, "apiPlanTokenRenewalDate": None,
+            "refgen": {"pendingJobs": ctx.store.pending_count(), "maxQueue": ctx.max_queue},
+        }]}
+
+    return router
+
+
+def _generation_routes(router: APIRouter, ctx: _Context) -> None:
+    @router.post("/generations", tags=["generations"])
+    def create_generation(body: dict[str, Any] = Body(..., examples=[{"prompt": "a red fox", "width": 1024, "height": 1024}])) -> dict:
+        """Leonardo's generation body; checked completely (fields, model, image ids) before it is queued."""
+        parse_generation(body, images=ctx.store.resolve_image, models=ctx.models)
+        generation = ctx.queue(body)
+        return {"sdGenerationJob": {"generationId": generation.id, "apiCreditCost": 0}}
+
+    @router.get("/generations/{generation_id}", tags=["generations"])
+    def get_generation(generation_id: str, request: Request) -> dict:
+        return {"generations_by_pk": _generation_json(_job(ctx.store, generation_id, "generation"), request)}
+
+    @router.get("/generations/user/{user_id}", tags=["generations"])
+    def user_generations(user_id: str, request: Request, offset: int = Query(0, ge=0),
+                         limit: int = Query(10, ge=1, le=100)) -> dict:
+        return {"generations": [_generation_json(g, request) for g in _generations_only(ctx.store, user_id, offset, limit)]}
+
+    @router.delete("/generations/{generation_id}", tags=["generations"])
+    def delete_generation(generation_id: str) -> dict:
+        generation_id = _uuid(generation_id)
+        ctx.store.delete_generation(generation_id)
+        return {"delete_generations_by_pk": {"id": generation_id}}
+
+
+def _job(store: AssetStore, job_id: str, kind: str) -> Generation:
+    """A generation or an upscale variation by id; the other kind is "not found" under this path."""
+    job = store.generation(_uuid(job_id))
+    if job.kind != kind:
+        where = "/variations/" if job.kind == "upscale" else "/generations/"
+        raise UnknownAssetError(f"no {'generation' if kind == 'generation' else 'variation'} {job_id} (see GET {where}{job_id})")
+    return job
+
+
+def _generations_only(store: AssetStore, user_id: str, offset: int, limit: int) -> list[Generation]:
+    """One page of the user's generations, newest first, skipping upscale jobs (Leonardo lists those as variations)."""
+    found: list[Generation] = []
+    start, chunk = 0, max(limit + offset, 50)
+    while len(found) < offset + limit:
+        rows = store.list_generations(user_id, start, chunk)
+        found.extend(row for row in rows if row.kind == "generation")
+        if len(rows) < chunk:
+            break
+        start += chunk
+    return found[offset:offset + limit]
+
+
+def _init_image_routes(router: APIRouter, ctx: _Context) -> None:
+    @router.post("/init-image", tags=["init images"])
+    def create_init_image(body: InitImageBody, request: Request) -> dict:
+        """A slot for one init image: POST the returned `fields` plus `file` as multipart/form-data to `url`."""
+        extension = body.extension.lower().lstrip(".")
+        if extension not in IMAGE_EXTENSIONS:
+            raise LeonardoRequestError("extension", f"has to be one of {', '.join(IMAGE_EXTENSIONS)}, got {body.extension!r}")
+        upload = ctx.store.new_upload(extension)
+        key = f"users/{DEFAULT_USER}/initImages/{upload.id}.{upload.extension}"
+        fields = {"key": key, "token": upload.token, "Content-Type": MEDIA_TYPES[upload.extension]}
+        url = str(request.url_for("upload_init_image_file", upload_id=upload.id))
+        return {"uploadInitImage": {"id": upload.id, "url": url, "fields": json.dumps(fields), "key": key}}
+
+    @router.get("/init-image/{image_id}", tags=["init images"])
+    def get_init_image(image_id: str, request: Request) -> dict:
+        upload = ctx.store.upload(_uuid(image_id))
+        url = _file_url(request, upload.id, upload.extension) if upload.uploaded else None
+        return {"init_images_by_pk": {"id": upload.id, "createdAt": upload.created_at, "url": url,
+                                      "refgen": {"uploaded": upload.uploaded, "width": upload.width, "height": upload.height}}}
+
+    @router.delete("/init-image/{image_id}", tags=["init images"])
+    def delete_init_image(image_id: str) -> dict:
+        image_id = _uuid(image_id)
+        ctx.store.delete_upload(image_id)
+        return {"delete_init_images_by_pk": {"id": image_id}}
+
+
+def _variation_routes(router: APIRouter, ctx: _Context) -> None:
+    @router.post("/variations/upscale", tags=["variations"])
+    def create_upscale(body: UpscaleBody) -> dict:
+        """An upscale of a generated image (refgen's ESRGAN): poll GET /variations/{id}."""
+        try:
+            ctx.store.generated_image(_uuid(body.id))
+        except UnknownAssetError:
+            raise LeonardoRequestError("id", f"unknown generated image id {body.id!r}") from None
+        job = ctx.queue({"id": body.id}, kind="upscale")
+        return {"sdUpscaleJob": {"id": job.id, "apiCreditCost": 0}}
+
+    @router.get("/variations/{variation_id}", tags=["variations"])
+    def get_variation(variation_id: str, request: Request) -> dict:
+        return {"generated_image_variation_generic": [_variation_json(_job(ctx.store, variation_id, "upscale"), request)]}
+
+
+# ---------------------------------------------------------------------------------- public routes
+
+def _public_router(ctx: _Context) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/uploads/{upload_id}", status_code=204, tags=["init images"], name="upload_init_image_file")
+    async def upload_file(upload_id: str, request: Request) -> Response:
+        """The presigned-POST target: multipart/form-data with the `fields` from POST /init-image and `file`."""
+        upload = await run_in_threadpool(ctx.store.upload, _uuid(upload_id))
+        form = await _read_form(request, ctx.max_upload_bytes)
+        _check_token(upload, form.get("token"))
+        data = await _file_bytes(form.get("file"), ctx.max_upload_bytes)
+        await run_in_threadpool(ctx.store.complete_upload, upload.id, form["token"], data, ctx.max_pixels)
+        return Response(status_code=204)
+
+    @router.get("/files/{name}", tags=["files"], name="file")
+    def get_file(name: str) -> FileResponse:
+        """An uploaded or generated image, by the `<uuid>.<ext>` name the API handed out."""
+        match = FILE_NAME.match(name)
+        if match is None:
+            raise UnknownAssetError(f"no file {name!r}")
+        image_id, extension = _uuid(match["id"]), match["ext"].lower()
+        path = ctx.store.resolve_image(image_id, "GENERATED") or ctx.store.resolve_image(image_id, "UPLOADED")
+        if path is None or path.suffix.lower().lstrip(".") != extension or not _inside(path, ctx.store.root):
+            raise UnknownAssetError(f"no file {name!r}")
+        return FileResponse(path, media_type=MEDIA_TYPES[extension])
+
+    return router
+
+
+def _inside(path, root) -> bool:
+    """Defence in depth: only regular files under the store's folder are ever served."""
+    resolved = path.resolve()
+    return resolved.is_file() and resolved.is_relative_to(root.resolve())
+
+
+async def _read_form(request: Request, max_bytes: int):
+    """The multipart form, reading at most max_bytes (+ form overhead) from the socket: 413 beyond that."""
+    limit = max_bytes + MULTIPART_OVERHEAD
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"upload larger than the {max_bytes} byte limit")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise LeonardoRequestError("body", "must be multipart/form-data with the upload's fields and a 'file' part")
+    parser = MultiPartParser(request.headers, _limited(request.stream(), limit), max_files=1, max_fields=16)
+    try:
+        return await parser.parse()
+    except UploadTooLarge:
+        raise HTTPException(413, f"upload larger than the {max_bytes} byte limit") from None
+    except MultiPartException as exc:
+        raise LeonardoRequestError("body", f"malformed multipart form: {exc.message}") from None
+
+
+async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    received = 0
+    async for chunk in stream:
+        received += len(chunk)
+        if received > limit:
+            raise UploadTooLarge
+        yield chunk
+
+
+def _check_token(upload, token: Any) -> None:
+    if not isinstance(token, str) or not hmac.compare_digest(token.encode("utf-8"), upload.token.encode("utf-8")):
+        raise HTTPException(403, "missing or wrong upload token: send the 'fields' from POST /init-image")
+    if upload.uploaded:
+        raise HTTPException(409, "this init image was already uploaded; create a new one with POST /init-image")
+
+
+async def _file_bytes(part: Any, max_bytes: int) -> bytes:
+    if part is None or isinstance(part, str):
+        raise LeonardoRequestError("file", "the form needs a 'file' part with the image bytes")
+    data = await part.read(max_bytes + 1)
+    await part.close()
+    if len(data) > max_bytes:
+        raise HTTPException(413, f"upload larger than the {max_bytes} byte limit")
+    return data
+
+
+# ------------------------------------------------------------------------------------ JSON shapes
+
+def _generation_json(generation: Generation, request: Request) -> dict:
+    body, first = generation.body, (generation.images[0] if generation.images else None)
+    width, height = _image_size(first, body)
+    resolved = first.metadata.get("resolved") if first is not None else None
+    resolved = resolved if isinstance(resolved, dict) else {}  # what actually ran (preset and mode defaults filled in)
+    return {
+        "id": generation.id, "status": generation.status, "createdAt": generation.created_at,
+        "prompt": body.get("prompt"), "negativePrompt": body.get("negative_prompt"),
+        "imageWidth": width, "imageHeight": height, "modelId": body.get("modelId"),
+        "seed": first.seed if first is not None else body.get("seed"),
+        "inferenceSteps": resolved.get("steps", body.get("num_inference_steps")),
+        "guidanceScale": resolved.get("guidance_scale", body.get("guidance_scale")),
+        "scheduler": resolved.get("scheduler", body.get("scheduler")), "presetStyle": body.get("presetStyle"), "initStrength": body.get("init_strength"),
+        "photoReal": bool(body.get("photoReal")), "public": False, "generation_elements": [],
+        "generated_images": [_image_json(image, request) for image in generation.images],
+        "refgen": {
+            "error": generation.error, "startedAt": generation.started_at, "finishedAt": generation.finished_at,
+            "images": [{"id": image.id, "seed": image.seed, "identityScore": image.identity_score} for image in generation.images],
+        },
+    }
+
+
+def _image_size(image: Optional[GeneratedImage], body: dict) -> tuple[Any, Any]:
+    recorded = image.metadata.get("image") if image is not None else None
+    if isinstance(recorded, dict) and "width" in recorded:
+        return recorded.get("width"), recorded.get("height")
+    return body.get("width"), body.get("height")
+
+
+def _image_json(image: GeneratedImage, request: Request) -> dict:
+    return {"id": image.id, "url": _file_url(request, image.id, "png"), "nsfw": False, "likeCount": 0,
+            "motionMP4URL": None, "generated_image_variation_generics": []}
+
+
+def _variation_json(job: Generation, request: Request) -> dict:
+    image = job.images[0] if job.images else None
+    return {"id": job.id, "status": job.status, "createdAt": job.created_at, "transformType": "UPSCALE",
+            "url": _file_url(request, image.id, "png") if image is not None else None,
+            "refgen": {"error": job.error, "sourceImageId": job.body.get("id"), "imageId": image.id if image else None}}
+
+
+def _file_url(request: Request, image_id: str, extension: str) -> str:
+    return str(request.url_for("file", name=f"{image_id}.{extension}"))
+
+
+def _uuid(value: str) -> str:
+    """The canonical form of an id from a URL or body; anything that is not a UUID is simply unknown."""
+    try:
+        return str(uuid.UUID(value))
+    except (ValueError, TypeError, AttributeError):
+        raise UnknownAssetError(f"unknown id {value!r}") from None
+
+
+# ---------------------------------------------------------------------------------------- errors
+
+def _install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(UnknownAssetError, _not_found)
+    app.add_exception_handler(LeonardoRequestError, _bad_request)
+    app.add_exception_handler(InvalidImageError, _bad_image)
+    app.add_exception_handler(StoreError, _bad_request)
+    app.add_exception_handler(RefgenError, _bad_request)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http_error)
+
+
+def _error(status: int, message: str, field: Optional[str] = None) -> JSONResponse:
+    return JSONResponse({"error": message, "field": field}, status_code=status)
+
+
+async def _not_found(request: Request, exc: UnknownAssetError) -> JSONResponse:
+    return _error(404, str(exc))
+
+
+async def _bad_request(request: Request, exc: RefgenError) -> JSONResponse:
+    return _error(422, str(exc), getattr(exc, "field", "body"))
+
+
+async def _bad_image(request: Request, exc: InvalidImageError) -> JSONResponse:
+    return _error(422, str(exc), "file")
+
+
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # loc, msg and type only: echoing `input` back could fail to encode (a body of Infinity) or be huge
+    errors = [{key: jsonable_encoder(error.get(key)) for key in ("loc", "msg", "type")} for error in exc.errors()]
+    first = errors[0] if errors else {"loc": ["body"], "msg": "invalid request"}
+    field = "body" if first.get("type") == "json_invalid" else _field_path(first.get("loc") or ["body"])
+    return JSONResponse({"error": f"{field}: {first.get('msg')}", "field": field, "detail": errors}, status_code=422)
+
+
+def _field_path(loc: list) -> str:
+    """FastAPI's loc ('body', 'controlnets', 0, 'weight') -> Leonardo's path 'controlnets[0].weight'."""
+    parts = list(loc[1:])
+    if not parts:
+        return str(loc[0])
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse({"error": exc.detail, "field": None}, status_code=exc.status_code, headers=exc.headers)
+
+
+# ----------------------------------------------------------------------------------------- serve
+
+def check_bind(host: str, api_key: Optional[str]) -> None:
+    """Refuse to listen beyond this machine without an API key."""
+    if api_key:
+        return
+    if host == "localhost" or _is_loopback(host):
+        return
+    raise ServeError(f"refusing to listen on {host} without an API key: anyone who can reach it could run jobs and "
+                     "read every image. Give --api-key (or set REFGEN_API_KEY), or listen on 127.0.0.1")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key: Optional[str] = None, model: Optional[str] = None,
+          device: Optional[str] = None, dtype: Optional[str] = None, *, upscaler: str = "realesrgan-x4plus",
+          max_queue: int = 64, store: Optional[AssetStore] = None, log_level: str = "info") -> None:
+    """Run the API until interrupted: store + engine runner + worker thread + uvicorn; Ctrl-C stops all."""
+    import dataclasses
+
+    import uvicorn
+
+    from .jobs import EngineRunner, Worker
+
+    check_bind(host, api_key)
+    store = store or AssetStore()
+    models = ModelTable.load()
+    if model:
+        models = dataclasses.replace(models, default=model)
+    runner = EngineRunner(store, load_engine=_engine_loader(device, dtype), models=models, upscaler=upscaler)
+    worker = Worker(store, runner)
+    app = create_app(store, worker, api_key=api_key, max_queue=max_queue, models=models)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    worker.start()
+    log.info("refgen API on http://%s:%d%s (docs: /docs)", host, port, PREFIX)
+    try:
+        server.run()
+    finally:
+        worker.stop(timeout=30)
+
+
+def _engine_loader(device: Optional[str], dtype: Optional[str]):
+    def load_engine(name: str):
+        from .engine import Engine
+
+        return Engine.load(name, device, dtype)
+
+    return load_engine
