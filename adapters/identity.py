@@ -86,6 +86,8 @@ class CharacterReference(BaseModel):
             raise ValueError("give weight or strength_type, not both")
         if (self.name is None) == (not self.images):
             raise ValueError("a character reference needs a saved character `name` or `images` (one or the other)")
+        if self.face_index is not None and self.name is not None:
+            raise ValueError("face_index picks a face in `images`; a saved character's anchors are used as stored")
         if self.pose_image is not None and self.adapter != "instantid":
             raise ValueError("pose_image steers InstantID's keypoints; the faceid adapter has none")
         return self
@@ -107,7 +109,6 @@ INSTANTID_ENTRY = "instantid"
 INSTANTID_FILES = ("ip-adapter.safetensors", "ip-adapter.bin")
 IDENTITYNET_FOLDER = "ControlNetModel"
 FACEID_LORA = "faceid_0"  # diffusers names the LoRA of adapter instance k `faceid_k`; the character is instance 0
-FACEID_SHORTCUT_SCALE = 1.0  # Plus-v2's s_scale: how much the CLIP-refined tokens add to the ID tokens
 
 
 def ranking(scores: list[Optional[float]]) -> list[int]:
