@@ -23,6 +23,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
+
+@dataclass(frozen=True)
+class BenchProfile:
+    """What every benchmark profile names: the model, where it runs, the image, and how often."""
+
+    name: str
+    model: str  # tiny | sdxl-random (bench_generate.build)
+    device: str
+    dtype: str
+    width: int
+    height: int
+    steps: int
+    batch: int = 1
+    guidance: float = 7.0
+    scheduler: str = "euler"
+    runs: int = 5
+    threads: Optional[int] = None  # torch intra-op threads; None = torch's default (all cores)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if str(ROOT) not in sys.path:

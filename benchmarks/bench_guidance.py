@@ -40,7 +40,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 # _common puts the repository root on sys.path and sets HF_HUB_OFFLINE=1 and the warning filters.
-from _common import ROOT, CpuPeak, Side, environment, gib, gpu_missing, mib, save_report, sync, timed, update_results  # noqa: E402
+from _common import ROOT, BenchProfile, CpuPeak, Side, environment, gib, gpu_missing, mib, save_report, sync, timed, update_results  # noqa: E402
 
 import bench_generate as bg  # noqa: E402  (build(), PROMPT, parameter_counts())
 import numpy as np  # noqa: E402
@@ -66,19 +66,7 @@ class EsrganCase:
 
 
 @dataclass(frozen=True)
-class Profile:
-    name: str
-    model: str  # tiny | sdxl-random (bench_generate.build)
-    device: str
-    dtype: str
-    width: int
-    height: int
-    steps: int
-    batch: int = 1
-    guidance: float = 7.0
-    scheduler: str = "euler"
-    runs: int = 5
-    threads: Optional[int] = None
+class Profile(BenchProfile):
     esrgan_models: tuple[tuple[str, int, int], ...] = ()  # (name, features nf, RRDB blocks nb); grow channels 32
     esrgan_cases: tuple[EsrganCase, ...] = ()
     esrgan_runs: int = 3

@@ -56,7 +56,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 # _common puts the repository root on sys.path and sets HF_HUB_OFFLINE=1 and the warning filters.
-from _common import ROOT, CpuPeak, Side, environment, gpu_missing, mib, gib, save_report, timed, update_results  # noqa: E402
+from _common import ROOT, BenchProfile, CpuPeak, Side, environment, gpu_missing, mib, gib, save_report, timed, update_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -66,22 +66,10 @@ MANIFEST = ROOT / "weights" / "manifest.toml"  # the committed manifest: where t
 
 
 @dataclass(frozen=True)
-class Profile:
-    name: str
-    model: str  # tiny
-    device: str
-    dtype: str
-    width: int
-    height: int
-    steps: int
-    batch: int = 1
-    guidance: float = 7.0
-    scheduler: str = "euler"
+class Profile(BenchProfile):
     runs: int = 15
     encoder_runs: int = 15
     reference_side: int = 512  # reference images are reference_side x reference_side RGB
-    threads: Optional[int] = None
-
 
 PROFILES = {
     # Tiny SDXL (engine/tiny.py) with the tests' tiny IP-Adapter (tests/tiny_ip_adapter.py: the published

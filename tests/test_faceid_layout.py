@@ -14,24 +14,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_faceid import DEPTH, NUM_TOKENS, WEIGHT_NAME, save_tiny_faceid, tiny_faceid_plusv2_state_dict  # noqa: E402
-from tiny_ip_adapter import build_tiny_image_encoder  # noqa: E402
+from tiny_ip_adapter import build_tiny_image_encoder, fresh_pipe, generate_np  # noqa: E402
 
 pytest.importorskip("peft")
 
 ID_DIM = 512
-
-
-def _fresh_pipe(model_dir):
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir), local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _generate(pipe, **kwargs):
-    return pipe("a portrait", negative_prompt="", num_inference_steps=2, height=64, width=64, output_type="np",
-                generator=torch.Generator("cpu").manual_seed(7), **kwargs).images
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +121,7 @@ def test_loads_as_faceid_plus_projection_with_inferred_sizes(tiny_model_dir, fac
     from diffusers.models.embeddings import IPAdapterFaceIDPlusImageProjection
     from safetensors.torch import load_file
 
-    pipe = _fresh_pipe(tiny_model_dir)
+    pipe = fresh_pipe(tiny_model_dir)
     projection = _load(pipe, faceid_files["adapter_only"])
     cross = pipe.unet.config.cross_attention_dim
     assert type(projection) is IPAdapterFaceIDPlusImageProjection
@@ -157,40 +144,40 @@ def test_loads_as_faceid_plus_projection_with_inferred_sizes(tiny_model_dir, fac
 
 
 def test_adapter_is_live_and_scale_zero_is_plain(tiny_model_dir, faceid_files, clip_embeds, other_clip_embeds, id_embeds):
-    pipe = _fresh_pipe(tiny_model_dir)
-    plain = _generate(pipe)
+    pipe = fresh_pipe(tiny_model_dir)
+    plain = generate_np(pipe)
     projection = _load(pipe, faceid_files["adapter_only"], clip_embeds)
 
-    with_face = _generate(pipe, ip_adapter_image_embeds=[id_embeds])
+    with_face = generate_np(pipe, ip_adapter_image_embeds=[id_embeds])
     assert np.isfinite(with_face).all()
     assert np.abs(with_face - plain).max() > 0.05, "the FaceID adapter changed nothing"
 
     # both inputs are live: another CLIP face crop, and another identity, each change the image
     projection.clip_embeds = other_clip_embeds
-    other_crop = _generate(pipe, ip_adapter_image_embeds=[id_embeds])
+    other_crop = generate_np(pipe, ip_adapter_image_embeds=[id_embeds])
     projection.clip_embeds = clip_embeds
-    other_id = _generate(pipe, ip_adapter_image_embeds=[torch.cat([id_embeds[:1], -id_embeds[1:]])])
+    other_id = generate_np(pipe, ip_adapter_image_embeds=[torch.cat([id_embeds[:1], -id_embeds[1:]])])
     assert np.abs(other_crop - with_face).max() > 1e-3
     assert np.abs(other_id - with_face).max() > 1e-3
 
     pipe.set_ip_adapter_scale(0.0)
-    off = _generate(pipe, ip_adapter_image_embeds=[id_embeds])
+    off = generate_np(pipe, ip_adapter_image_embeds=[id_embeds])
     assert np.abs(off - plain).max() <= 1e-5
 
 
 def test_lora_inside_the_file_becomes_a_peft_adapter(tiny_model_dir, faceid_files, clip_embeds, id_embeds):
-    pipe = _fresh_pipe(tiny_model_dir)
-    plain = _generate(pipe)
+    pipe = fresh_pipe(tiny_model_dir)
+    plain = generate_np(pipe)
     _load(pipe, faceid_files["with_lora"], clip_embeds)
     assert "faceid_0" in pipe.unet.peft_config
     assert pipe.unet.peft_config["faceid_0"].r == 4
 
     pipe.set_ip_adapter_scale(0.0)
-    lora_only = _generate(pipe, ip_adapter_image_embeds=[id_embeds])
+    lora_only = generate_np(pipe, ip_adapter_image_embeds=[id_embeds])
     assert np.isfinite(lora_only).all()
     assert np.abs(lora_only - plain).max() > 1e-3, "the FaceID LoRA changed nothing"
     pipe.unet.disable_lora()
-    off = _generate(pipe, ip_adapter_image_embeds=[id_embeds])
+    off = generate_np(pipe, ip_adapter_image_embeds=[id_embeds])
     assert np.abs(off - plain).max() <= 1e-5
 
 

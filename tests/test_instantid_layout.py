@@ -14,23 +14,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from tiny_ip_adapter import fresh_pipe, generate_np  # noqa: E402
 from tiny_instantid import (  # noqa: E402
     CONTROLNET_FOLDER, DEPTH, EMBEDDING_DIM, NUM_QUERIES, SAFE_WEIGHT_NAME, WEIGHT_NAME,
     save_tiny_identitynet, save_tiny_instantid, tiny_instantid_state_dict,
 )
-
-
-def _fresh_pipe(model_dir):
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir), local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _generate(pipe, **kwargs):
-    return pipe("a portrait", negative_prompt="", num_inference_steps=2, height=64, width=64, output_type="np",
-                generator=torch.Generator("cpu").manual_seed(7), **kwargs).images
 
 
 def _id_embeds(seed: int) -> torch.Tensor:
@@ -111,7 +99,7 @@ def test_loads_as_plus_projection_with_inferred_sizes(tiny_model_dir, instantid_
     from diffusers.models.embeddings import IPAdapterPlusImageProjection
     from safetensors.torch import load_file
 
-    pipe = _fresh_pipe(tiny_model_dir)
+    pipe = fresh_pipe(tiny_model_dir)
     projection = _load(pipe, instantid_root, weight_name)
     cross = pipe.unet.config.cross_attention_dim
     assert type(projection) is IPAdapterPlusImageProjection
@@ -136,18 +124,18 @@ def test_loads_as_plus_projection_with_inferred_sizes(tiny_model_dir, instantid_
 
 
 def test_adapter_is_live_and_scale_zero_is_plain(tiny_model_dir, instantid_root):
-    pipe = _fresh_pipe(tiny_model_dir)
-    plain = _generate(pipe)
+    pipe = fresh_pipe(tiny_model_dir)
+    plain = generate_np(pipe)
     _load(pipe, instantid_root)
 
-    face = _generate(pipe, ip_adapter_image_embeds=[_id_embeds(3)])
+    face = generate_np(pipe, ip_adapter_image_embeds=[_id_embeds(3)])
     assert np.isfinite(face).all()
     assert np.abs(face - plain).max() > 0.05, "the InstantID adapter changed nothing"
-    other = _generate(pipe, ip_adapter_image_embeds=[_id_embeds(4)])
+    other = generate_np(pipe, ip_adapter_image_embeds=[_id_embeds(4)])
     assert np.abs(other - face).max() > 1e-3, "another identity changed nothing"
 
     pipe.set_ip_adapter_scale(0.0)
-    off = _generate(pipe, ip_adapter_image_embeds=[_id_embeds(3)])
+    off = generate_np(pipe, ip_adapter_image_embeds=[_id_embeds(3)])
     assert np.abs(off - plain).max() <= 1e-5
 
 
@@ -157,7 +145,7 @@ def test_identitynet_follows_the_face_tokens(tiny_model_dir, instantid_root):
     controlnet = ControlNetModel.from_pretrained(str(instantid_root / CONTROLNET_FOLDER)).eval()
     config = controlnet.config
     assert config.conditioning_channels == 3 and config.addition_embed_type == "text_time"
-    pipe = _fresh_pipe(tiny_model_dir)
+    pipe = fresh_pipe(tiny_model_dir)
     assert config.cross_attention_dim == pipe.unet.config.cross_attention_dim
     projection = _load(pipe, instantid_root)
 

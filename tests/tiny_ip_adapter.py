@@ -109,3 +109,18 @@ def save_tiny_ip_adapter_plus(unet, root: Path) -> Path:
     hidden = CLIPVisionConfig.from_pretrained(root / "models" / "image_encoder").hidden_size
     save_file(tiny_ip_adapter_plus_state_dict(unet, hidden), root / "sdxl_models" / "ip-adapter-plus_sdxl_vit-h.safetensors")
     return root
+
+
+def fresh_pipe(model_dir):
+    """diffusers' own SDXL pipeline on the tiny weights, with no adapter loaded yet."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate_np(pipe, **kwargs):
+    """A fixed 64x64, 2-step, seed-7 run of `pipe` (an adapter's effect is the only difference)."""
+    return pipe("a portrait", negative_prompt="", num_inference_steps=2, height=64, width=64, output_type="np",
+                generator=torch.Generator("cpu").manual_seed(7), **kwargs).images
