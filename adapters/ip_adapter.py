@@ -180,11 +180,6 @@ class IPAdapters:
         """The image projection of loaded instance `index` (InstantID feeds its tokens to IdentityNet too)."""
         return self._pipe.unet.encoder_hid_proj.image_projection_layers[index]
 
-    def lora_names(self) -> list[str]:
-        """The peft adapters the loaded files brought (FaceID's LoRA loads as `faceid_{index}`)."""
-        config = getattr(self._pipe.unet, "peft_config", {}) or {}
-        return [f"faceid_{i}" for i in range(len(self._loaded)) if f"faceid_{i}" in config]
-
     def _ensure(self, files: tuple[AdapterFile, ...]) -> None:
         if files == self._loaded:
             return
