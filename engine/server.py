@@ -54,7 +54,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from .errors import InvalidImageError, RefgenError
 from .leonardo import LeonardoRequestError, ModelTable, parse_generation
-from .store import DEFAULT_USER, IMAGE_EXTENSIONS, AssetStore, Generation, GeneratedImage, StoreError, UnknownAssetError
+from .store import (DEFAULT_USER, IMAGE_EXTENSIONS, AssetStore, Generation, GeneratedImage, QueueFullError, StoreError,
+                    UnknownAssetError)
 
 log = logging.getLogger("refgen.server")
 
@@ -108,10 +109,10 @@ class _Context:
         self.max_upload_bytes, self.max_pixels, self.max_queue = max_upload_bytes, max_pixels, max_queue
 
     def queue(self, body: dict, kind: str = "generation") -> Generation:
-        if self.store.pending_count() >= self.max_queue:
-            raise HTTPException(429, f"the queue is full ({self.max_queue} jobs); retry later",
-                                headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-        generation = self.store.create_generation(body, DEFAULT_USER, kind=kind)
+        try:
+            generation = self.store.create_generation(body, DEFAULT_USER, kind=kind, max_pending=self.max_queue)
+        except QueueFullError as exc:
+            raise HTTPException(429, str(exc), headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         if self.worker is not None:
             self.worker.notify()
         return generation

@@ -14,8 +14,6 @@ beside it, written atomically. Ids are UUID4 strings; no user-supplied string ev
 Statuses are Leonardo's: PENDING (queued or running), COMPLETE, FAILED. A claimed job that never
 finished (the process died) is released again by `release_interrupted()` at start-up, so no job is
 lost; a job is COMPLETE only once its images are committed, so none is recorded twice.
-
-THIS FILE IS THE AGREED INTERFACE (signatures, dataclasses, errors). Implementation: see below.
 """
 
 from __future__ import annotations
@@ -45,6 +43,10 @@ DEFAULT_USER = "local"  # a single-user server: every generation belongs to this
 
 class StoreError(RefgenError):
     """The store cannot do what was asked (bad extension, bad token, unusable upload)."""
+
+
+class QueueFullError(StoreError):
+    """create_generation with max_pending: that many jobs are already waiting or running."""
 
 
 class UnknownAssetError(StoreError, KeyError):
@@ -100,33 +102,6 @@ class Output:
     seed: int
     metadata: dict[str, Any]
     identity_score: Optional[float] = None
-
-
-# The AssetStore and its methods (implemented below this line by the store's author):
-#
-# class AssetStore:
-#     def __init__(self, root: Optional[Path] = None)            # default: paths.data_dir() / "api"
-#     def new_upload(self, extension: str) -> Upload              # StoreError for an extension not in IMAGE_EXTENSIONS
-#     def complete_upload(self, upload_id: str, token: str, data: bytes, max_pixels: int = 40_000_000) -> Upload
-#         # StoreError: wrong token / already uploaded; InvalidImageError: not an image, truncated, too many pixels
-#     def upload(self, upload_id: str) -> Upload                  # UnknownAssetError
-#     def delete_upload(self, upload_id: str) -> None             # UnknownAssetError
-#     def resolve_image(self, image_id: str, kind: str) -> Optional[Path]
-#         # engine.leonardo.ImageResolver: "UPLOADED" -> an uploaded init image's file, "GENERATED" -> a generated
-#         # image's PNG; None when unknown (or not uploaded yet)
-#     def create_generation(self, body: dict, user_id: str = DEFAULT_USER, kind: JobKind = "generation") -> Generation
-#     def generation(self, generation_id: str) -> Generation      # with its images; UnknownAssetError
-#     def list_generations(self, user_id: str, offset: int = 0, limit: int = 10) -> list[Generation]  # newest first
-#     def delete_generation(self, generation_id: str) -> None     # rows and files; UnknownAssetError
-#     def generated_image(self, image_id: str) -> GeneratedImage  # UnknownAssetError
-#     def pending_count(self) -> int                              # queued + running jobs
-#     def claim_next(self) -> Optional[Generation]                # oldest unclaimed PENDING job, claimed atomically
-#     def complete_generation(self, generation_id: str, outputs: list[Output]) -> Generation
-#         # files written atomically, then rows + COMPLETE in one transaction; a deleted generation: UnknownAssetError
-#     def fail_generation(self, generation_id: str, error: str) -> Generation
-#     def release_interrupted(self) -> int                        # claimed-but-unfinished jobs back to the queue
-#     def register_character(self, name: str, folder: Path) -> str   # characters table (id, name, folder, created)
-#     def characters(self) -> list[dict]
 
 
 # ------------------------------------------------------------------------------------ implementation
@@ -356,11 +331,18 @@ class AssetStore:
 
     # -- generations
 
-    def create_generation(self, body: dict, user_id: str = DEFAULT_USER, kind: JobKind = "generation") -> Generation:
+    def create_generation(self, body: dict, user_id: str = DEFAULT_USER, kind: JobKind = "generation",
+                          max_pending: Optional[int] = None) -> Generation:
+        """Queue a job (status PENDING). With `max_pending`, QueueFullError when that many are already
+        pending: counted and inserted in one write transaction, so simultaneous callers cannot overshoot."""
         if kind not in ("generation", "upscale"):
             raise StoreError(f"unknown job kind {kind!r}")
         generation_id = str(uuid.uuid4())
         with self._transaction() as db:
+            if max_pending is not None:
+                pending = db.execute("SELECT COUNT(*) FROM generations WHERE status = 'PENDING'").fetchone()[0]
+                if pending >= max_pending:
+                    raise QueueFullError(f"the queue is full ({max_pending} jobs); retry later")
             db.execute("INSERT INTO generations (id, user_id, kind, status, body, created_at) VALUES (?, ?, ?, ?, ?, ?)",
                        (generation_id, user_id, kind, "PENDING", json.dumps(body), _now()))
         return self.generation(generation_id)

@@ -289,3 +289,19 @@ def test_characters(store, tmp_path):
     assert listed[0]["id"] == first and listed[0]["created_at"]
     with pytest.raises(StoreError):
         store.register_character("  ", tmp_path)
+
+
+def test_a_bounded_queue_never_overshoots_under_simultaneous_callers(store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.store import QueueFullError
+
+    def attempt(_):
+        try:
+            return store.create_generation({"prompt": "x"}, max_pending=5).id
+        except QueueFullError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        created = [job for job in pool.map(attempt, range(40)) if job]
+    assert len(created) == 5 and store.pending_count() == 5
