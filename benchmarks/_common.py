@@ -150,6 +150,18 @@ class Side:
         }
 
 
+def compare(a: Side, b: Side) -> dict:
+    """a against b: ratio of medians, per-round (paired) ratios, ratio of CPU-time medians."""
+    paired = [x / y for x, y in zip(a.times, b.times)]
+    return {
+        "ratio": statistics.median(a.times) / statistics.median(b.times),
+        "paired_ratio_median": statistics.median(paired),
+        "paired_ratio_min": min(paired),
+        "paired_ratio_max": max(paired),
+        "cpu_time_ratio": statistics.median(a.cpu_times) / statistics.median(b.cpu_times),
+    }
+
+
 def gpu_missing(device: torch.device) -> bool:
     """True (after saying so) when a profile wants CUDA on a machine without it."""
     if device.type == "cuda" and not torch.cuda.is_available():

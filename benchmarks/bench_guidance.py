@@ -40,7 +40,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 # _common puts the repository root on sys.path and sets HF_HUB_OFFLINE=1 and the warning filters.
-from _common import ROOT, BenchProfile, CpuPeak, Side, environment, gib, gpu_missing, mib, save_report, sync, timed, update_results  # noqa: E402
+from _common import ROOT, BenchProfile, CpuPeak, compare, Side, environment, gib, gpu_missing, mib, save_report, sync, timed, update_results  # noqa: E402
 
 import bench_generate as bg  # noqa: E402  (build(), PROMPT, parameter_counts())
 import numpy as np  # noqa: E402
@@ -125,18 +125,6 @@ def _tests_module(name: str):
     if tests not in sys.path:
         sys.path.append(tests)
     return __import__(name)
-
-
-def compare(a: Side, b: Side) -> dict:
-    """a against b: ratio of medians, per-round (paired) ratios, ratio of CPU-time medians."""
-    paired = [x / y for x, y in zip(a.times, b.times)]
-    return {
-        "ratio": statistics.median(a.times) / statistics.median(b.times),
-        "paired_ratio_median": statistics.median(paired),
-        "paired_ratio_min": min(paired),
-        "paired_ratio_max": max(paired),
-        "cpu_time_ratio": statistics.median(a.cpu_times) / statistics.median(b.cpu_times),
-    }
 
 
 def alternate(variants: list[tuple[str, Callable[[], object]]], sides: dict[str, Side], runs: int,

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -56,7 +55,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 # _common puts the repository root on sys.path and sets HF_HUB_OFFLINE=1 and the warning filters.
-from _common import ROOT, BenchProfile, CpuPeak, Side, environment, gpu_missing, mib, gib, save_report, timed, update_results  # noqa: E402
+from _common import ROOT, BenchProfile, CpuPeak, compare, Side, environment, gpu_missing, mib, gib, save_report, timed, update_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -97,17 +96,6 @@ def _picture(seed: int, side: int):
     from PIL import Image
 
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (side, side, 3), np.uint8))
-
-
-def compare(a: Side, b: Side) -> dict:
-    paired = [x / y for x, y in zip(a.times, b.times)]
-    return {
-        "ratio": statistics.median(a.times) / statistics.median(b.times),
-        "paired_ratio_median": statistics.median(paired),
-        "paired_ratio_min": min(paired),
-        "paired_ratio_max": max(paired),
-        "cpu_time_ratio": statistics.median(a.cpu_times) / statistics.median(b.cpu_times),
-    }
 
 
 def _side_record(side: Side) -> dict:

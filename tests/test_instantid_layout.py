@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_ip_adapter import fresh_pipe, generate_np  # noqa: E402
+from tiny_ip_adapter import fresh_pipe, generate_np, resampler_keys  # noqa: E402
 from tiny_instantid import (  # noqa: E402
     CONTROLNET_FOLDER, DEPTH, EMBEDDING_DIM, NUM_QUERIES, SAFE_WEIGHT_NAME, WEIGHT_NAME,
     save_tiny_identitynet, save_tiny_instantid, tiny_instantid_state_dict,
@@ -53,13 +53,7 @@ def _load(pipe, root: Path, weight_name: str = SAFE_WEIGHT_NAME):
 def test_state_dict_is_in_published_layout(unet):
     cross = unet.config.cross_attention_dim
     state = tiny_instantid_state_dict(unet)
-    expected = {"image_proj.latents"}
-    expected |= {f"image_proj.{m}.{p}" for m in ("proj_in", "proj_out", "norm_out") for p in ("weight", "bias")}
-    for layer in range(DEPTH):
-        prefix = f"image_proj.layers.{layer}"
-        expected |= {f"{prefix}.0.{n}.{p}" for n in ("norm1", "norm2") for p in ("weight", "bias")}
-        expected |= {f"{prefix}.0.{n}.weight" for n in ("to_q", "to_kv", "to_out")}
-        expected |= {f"{prefix}.1.0.weight", f"{prefix}.1.0.bias", f"{prefix}.1.1.weight", f"{prefix}.1.3.weight"}
+    expected = {"image_proj.latents"} | resampler_keys("image_proj", DEPTH)
     cross_layers = [index for index, name in enumerate(unet.attn_processors) if name.endswith("attn2.processor")]
     assert cross_layers and all(index % 2 == 1 for index in cross_layers)
     expected |= {f"ip_adapter.{index}.{kv}.weight" for index in cross_layers for kv in ("to_k_ip", "to_v_ip")}

@@ -29,7 +29,7 @@ from adapters.sheet import (
 from engine.cli_sheet import sheet
 from engine.errors import InvalidImageError
 from engine.provenance import read_metadata, save_png
-from test_characters import analyzer, blank, mirrored, pack_dir  # noqa: F401  (fixtures, reused)
+from test_characters import analyzer, blank, mirrored, pack_dir, photos  # noqa: F401  (fixtures, reused)
 from test_faces import astronaut, private_home  # noqa: F401  (fixtures, reused; private_home is autouse)
 
 SEED = 4242
@@ -175,25 +175,17 @@ def test_a_missing_or_unreadable_file_is_a_typed_error(tmp_path):
 # ------------------------------------------------------------------------------------ ranking
 
 
-@pytest.fixture
-def faces_on_disk(tmp_path, astronaut, mirrored, blank) -> dict[str, Path]:
-    files = {"blank": blank, "mirror": mirrored, "front": astronaut}
-    for stem, image in files.items():
-        image.save(tmp_path / f"{stem}.png")
-    return {stem: tmp_path / f"{stem}.png" for stem in files}
-
-
 def test_items_are_ranked_by_identity_score_and_a_faceless_image_says_no_face(
-    tmp_path, analyzer, astronaut, faces_on_disk
+    tmp_path, analyzer, astronaut, photos
 ):
     character = CharacterStore(tmp_path / "characters").create("Eileen", [astronaut], analyzer)
-    given = [faces_on_disk["blank"], faces_on_disk["mirror"], faces_on_disk["front"]]
+    given = [photos["blank"], photos["mirror"], photos["front"]]
     items = items_from_pngs(given, character=character, analyzer=analyzer)
 
     assert [item.name for item in items] == ["front.png", "mirror.png", "blank.png"]
     front, mirror, faceless = items
     assert front.score == pytest.approx(1.0, abs=1e-4)
-    assert mirror.score == pytest.approx(score(character, faces_on_disk["mirror"], analyzer))
+    assert mirror.score == pytest.approx(score(character, photos["mirror"], analyzer))
     assert mirror.score < front.score
     assert faceless.score is None
     assert front.caption == ["score 1.00", "front.png"]
@@ -252,13 +244,13 @@ def test_cli_errors_are_one_line_and_write_nothing(cli, renders, tmp_path):
     assert not out.exists()
 
 
-def test_cli_ranks_by_a_stored_character(cli, pack_dir, monkeypatch, astronaut, faces_on_disk, tmp_path):
+def test_cli_ranks_by_a_stored_character(cli, pack_dir, monkeypatch, astronaut, photos, tmp_path):
     monkeypatch.setenv("REFGEN_WEIGHTS", str(pack_dir))
     from adapters.faces import FaceAnalyzer
 
     CharacterStore().create("Eileen", [astronaut], FaceAnalyzer.load("antelopev2", device="cpu"))
     out = tmp_path / "ranked.png"
-    result = cli(*faces_on_disk.values(), "--out", out, "--character", "Eileen", "--thumb", "64")
+    result = cli(*photos.values(), "--out", out, "--character", "Eileen", "--thumb", "64")
     assert result.exit_code == 0, result.output
     with Image.open(out) as written:
         picture = written.convert("RGB")
