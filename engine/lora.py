@@ -18,6 +18,7 @@ from typing import Optional
 from .errors import RefgenError
 from .hashing import cached_sha256
 from .loading import check_pickle
+from .provenance import package_versions
 from .request import LoraSpec
 
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -25,6 +26,10 @@ _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 class LoraError(RefgenError):
     """A LoRA file that is missing or does not fit the model."""
+
+
+class PeftVersionError(LoraError):
+    """The installed peft cannot load LoRAs into this diffusers/transformers: an install problem, not the file's."""
 
 
 class LoraSet:
@@ -81,8 +86,10 @@ class LoraSet:
             except LoraError:
                 self._discard(name)
                 raise
-            except (ValueError, KeyError, RuntimeError, TypeError, OSError) as exc:
+            except (ValueError, ImportError, KeyError, RuntimeError, TypeError, OSError) as exc:
                 self._discard(name)
+                if is_peft_version_refusal(exc):
+                    raise PeftVersionError(peft_version_message(exc)) from exc
                 raise LoraError(f"LoRA {path} does not fit this model (is it an SDXL LoRA?): {exc}") from exc
             self._adapters[sha256] = name
         return self._adapters[sha256]
@@ -123,6 +130,19 @@ class LoraSet:
             self._pipe.delete_adapters(name)
         except (ValueError, KeyError, AttributeError):
             pass
+
+
+def is_peft_version_refusal(exc: BaseException) -> bool:
+    """diffusers and transformers refuse a missing or too old peft with a ValueError that names "PEFT"
+    ("The version of PEFT you are using is not compatible, please use a version >= 0.22.0")."""
+    return "PEFT" in str(exc)
+
+
+def peft_version_message(exc: BaseException) -> str:
+    versions = package_versions()
+    installed = ", ".join(f"{name} {versions[name]}" for name in ("peft", "diffusers", "transformers"))
+    return (f"LoRAs cannot be loaded with the installed packages ({installed}): {exc}. "
+            "Reinstall refgen's tested dependency set: pip install -c constraints.txt -e . (see README, Set-up)")
 
 
 def _lora_layers_in_file(path: Path):

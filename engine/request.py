@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -159,8 +160,11 @@ class ResolvedRequest(BaseModel):
 
     @property
     def denoise(self) -> float:
-        """Leonardo's init_strength is closeness to the init image; the sampler wants its opposite."""
-        return 1.0 if self.init_strength is None else 1.0 - self.init_strength
+        """Leonardo's init_strength is closeness to the init image; the sampler wants its opposite,
+        taken in decimal: in binary 1 - 0.9 is 0.09999999999999998, which runs 1 step of 20, not 2."""
+        if self.init_strength is None:
+            return 1.0
+        return float(Decimal(1) - Decimal(repr(self.init_strength)))
 
     @property
     def refined_size(self) -> tuple[int, int]:

@@ -7,6 +7,7 @@ combines text guidance and every adapter's contribution in a single UNet call pe
 from __future__ import annotations
 
 import inspect
+from decimal import Decimal
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -46,11 +47,17 @@ def schedule(scheduler, steps: int, denoise: float, device) -> torch.Tensor:
     scheduler.set_timesteps(steps, device=device)
     if denoise >= 1.0:
         return scheduler.timesteps
-    kept = max(1, min(int(steps * denoise), steps))  # at least one step, or nothing would change
-    start = (steps - kept) * scheduler.order
+    start = (steps - steps_to_run(steps, denoise)) * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     return scheduler.timesteps[start:]
+
+
+def steps_to_run(steps: int, denoise: float) -> int:
+    """How many of `steps` a partial denoise runs: diffusers' int(steps * strength), counted in decimal
+    so that binary rounding never drops a step (0.57 * 100 is 56.99999999999999 in floats). At least
+    one step, or nothing would change."""
+    return max(1, min(int(Decimal(repr(denoise)) * steps), steps))
 
 
 def step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:

@@ -63,23 +63,22 @@ def _diffusers_inpaint(reference_pipe, tiny_model_dir, batch, init, mask, streng
                 output_type="np").images
 
 
-@pytest.mark.parametrize("batch, init_strength", [(1, None), (2, None), (2, 0.4)])
-def test_base_unet_inpainting_matches_diffusers(engine, reference_pipe, tiny_model_dir, batch, init_strength):
+# init_strength (closeness, Leonardo) and the literal strength diffusers is given for it.
+@pytest.mark.parametrize("batch, init_strength, strength", [(1, None, 1.0), (2, None, 1.0), (2, 0.4, 0.6), (1, 0.8, 0.2)])
+def test_base_unet_inpainting_matches_diffusers(engine, reference_pipe, tiny_model_dir, batch, init_strength, strength):
     init, mask = _init_image(64, 64, 1), _mask()
     ours = engine.generate(_request(num_images=batch, init_image=init, mask_image=mask, init_strength=init_strength)).pixels
-    strength = 1.0 if init_strength is None else 1.0 - init_strength
     theirs = _diffusers_inpaint(reference_pipe, tiny_model_dir, batch, init, mask, strength)
     assert _max_diff(ours, _composited(theirs, init, mask)) <= TOLERANCE
 
 
-@pytest.mark.parametrize("init_strength", [None, 0.3])
-def test_inpainting_unet_matches_diffusers(inpaint_engine, reference_pipe, tiny_model_dir, inpaint_unet_dir, init_strength):
+@pytest.mark.parametrize("init_strength, strength", [(None, 1.0), (0.3, 0.7)])
+def test_inpainting_unet_matches_diffusers(inpaint_engine, reference_pipe, tiny_model_dir, inpaint_unet_dir, init_strength, strength):
     from diffusers import UNet2DConditionModel
 
     init, mask = _init_image(64, 64, 2), _mask()
     ours = inpaint_engine.generate(_request(num_images=2, init_image=init, mask_image=mask, init_strength=init_strength)).pixels
     unet = UNet2DConditionModel.from_pretrained(str(inpaint_unet_dir))
-    strength = 1.0 if init_strength is None else 1.0 - init_strength
     theirs = _diffusers_inpaint(reference_pipe, tiny_model_dir, 2, init, mask, strength, unet=unet)
     assert _max_diff(ours, _composited(theirs, init, mask)) <= TOLERANCE
 

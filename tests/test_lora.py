@@ -305,3 +305,22 @@ def test_refused_lora_on_a_fresh_engine(tiny_model_dir, tmp_path):
     with pytest.raises(LoraError, match="matches no layer"):
         generate(fresh, [LoraSpec(path=str(path))], seed=10)
     assert np.array_equal(generate(fresh, [], seed=10).pixels, plain)
+
+
+@pytest.mark.parametrize("library", ["diffusers", "transformers"])
+def test_a_peft_too_old_for_the_installed_libraries_is_an_install_error_not_the_files_fault(library):
+    """transformers 5.24 with peft 0.21 (a fresh unpinned install on 2026-11-28) refuses LoRAs with
+    its own version check; the user must hear that the install is wrong, and how to fix it."""
+    import importlib
+    import importlib.metadata
+
+    from engine.lora import PeftVersionError, is_peft_version_refusal, peft_version_message
+
+    check = importlib.import_module(f"{library}.utils.peft_utils").check_peft_version
+    with pytest.raises(ValueError) as refusal:
+        check(min_version="999.0")  # the libraries' own refusal, as a too-old peft meets it
+    assert is_peft_version_refusal(refusal.value)
+    message = peft_version_message(refusal.value)
+    assert issubclass(PeftVersionError, LoraError)
+    assert f"peft {importlib.metadata.version('peft')}" in message and "constraints.txt" in message
+    assert not is_peft_version_refusal(ValueError("size mismatch for lora_A.weight"))

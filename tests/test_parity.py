@@ -95,14 +95,24 @@ def _init_image(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(gradient + rng.normal(0, 20, gradient.shape), 0, 255).astype(np.uint8))
 
 
+# Leonardo's init_strength (closeness to the init image) next to the strength diffusers is given for
+# it, both written out as literals: computing one from the other would repeat the engine's arithmetic.
 @pytest.mark.parametrize(
-    "scheduler, init_strength, seed, batch",
-    [("euler", 0.5, 0, 2), ("dpmpp_2m_karras", 0.3, 1, 1), ("euler_a", 0.7, 2, 3), ("ddim", 0.2, 3, 2)],
+    "scheduler, init_strength, diffusers_strength, steps, seed, batch",
+    [
+        ("euler", 0.5, 0.5, 6, 0, 2),
+        ("dpmpp_2m_karras", 0.3, 0.7, 6, 1, 1),
+        ("euler_a", 0.7, 0.3, 6, 2, 3),
+        ("ddim", 0.2, 0.8, 6, 3, 2),
+        ("euler", 0.8, 0.2, 20, 4, 1),  # 4 steps of 20 (a float 1 - 0.8 kept 3)
+        ("euler", 0.9, 0.1, 20, 5, 2),  # 2 steps of 20 (a float 1 - 0.9 kept 1)
+    ],
 )
-def test_img2img_matches_diffusers_pipeline(engine, reference_pipe, tiny_model_dir, scheduler, init_strength, seed, batch):
+def test_img2img_matches_diffusers_pipeline(engine, reference_pipe, tiny_model_dir, scheduler, init_strength,
+                                            diffusers_strength, steps, seed, batch):
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
-    init, steps = _init_image(64, 64, seed), 6
+    init = _init_image(64, 64, seed)
     request = GenerationRequest(
         prompt="an oil painting of a cat", width=64, height=64, num_images=batch, seed=seed, steps=steps,
         guidance_scale=5.0, scheduler=scheduler, init_image=init, init_strength=init_strength,
@@ -113,12 +123,37 @@ def test_img2img_matches_diffusers_pipeline(engine, reference_pipe, tiny_model_d
     img2img.set_progress_bar_config(disable=True)
     img2img.scheduler = _diffusers_scheduler(scheduler, tiny_model_dir)
     theirs = img2img(
-        prompt="an oil painting of a cat", image=init, strength=1.0 - init_strength,  # Leonardo: higher = closer
+        prompt="an oil painting of a cat", image=init, strength=diffusers_strength,
         num_images_per_prompt=batch, num_inference_steps=steps, guidance_scale=5.0,
         generator=generators(seed, batch), output_type="np",
     ).images
 
     assert _max_diff(ours, theirs) <= TOLERANCE
+
+
+@pytest.mark.parametrize("steps", [10, 20, 30, 50])
+@pytest.mark.parametrize("tenths", range(1, 10))
+def test_img2img_runs_the_steps_a_user_counts_and_the_ones_diffusers_runs(engine, reference_pipe, tiny_model_dir, tenths, steps):
+    """init_strength 0.1 ... 0.9 keeps the image that much: of 20 steps, 0.9 runs the last 2, 0.8 the last 4."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from engine.request import resolve
+    from engine.sampling import schedule
+    from engine.schedulers import build_scheduler
+
+    init_strength, diffusers_strength = float(f"0.{tenths}"), float(f"0.{10 - tenths}")  # the literals a user types
+    counted = steps * (10 - tenths) // 10  # integer arithmetic: what a person counts
+    resolved = resolve(GenerationRequest(prompt="a cat", width=64, height=64, steps=steps, seed=0,
+                                         init_image=_init_image(64, 64), init_strength=init_strength))
+    ours = schedule(build_scheduler("euler", reference_pipe.scheduler.config), steps, resolved.denoise, "cpu")
+
+    img2img = StableDiffusionXLImg2ImgPipeline(**reference_pipe.components)
+    img2img.scheduler = _diffusers_scheduler("euler", tiny_model_dir)
+    img2img.scheduler.set_timesteps(steps, device="cpu")
+    theirs, count = img2img.get_timesteps(steps, diffusers_strength, "cpu")
+
+    assert len(ours) == count == counted
+    assert torch.equal(ours, theirs)
 
 
 def test_quality_mode_is_txt2img_then_upsampled_img2img_refine(engine, reference_pipe, tiny_model_dir):
