@@ -29,7 +29,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,7 +39,7 @@ from PIL import Image
 
 from engine import paths
 from engine.errors import RefgenError
-from engine.images import load_rgb, write_atomic
+from engine.images import load_rgb, make_staging_folder, write_atomic
 
 from .faces import EMBEDDING_DIM, FaceAnalyzer, ImageInput
 
@@ -216,7 +215,7 @@ class CharacterStore:
         }
 
         self.root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=self.root))
+        staging = make_staging_folder(folder)
         try:
             for file, rgb in zip(anchor_files, rgbs):
                 write_atomic(staging / file, _png(rgb))
@@ -406,8 +405,8 @@ def _move_into_place(staging: Path, folder: Path, name: str, overwrite: bool) ->
                 raise CharacterExistsError(_exists_message(name, folder)) from None
     elif not overwrite:  # a profile, or a folder of that name someone else put there
         raise CharacterExistsError(_exists_message(name, folder))
-    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
-    old.rmdir()
+    old = make_staging_folder(folder, suffix=".old")
+    old.rmdir()  # only its free name is wanted
     os.rename(folder, old)
     try:
         os.rename(staging, folder)

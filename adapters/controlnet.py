@@ -12,6 +12,7 @@ Control image fitting to the output size (`fit`):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -117,40 +118,94 @@ class UnionControl:
                           control_type_idx=[self.mode], **kwargs)
 
 
+class ControlNetFolderError(ControlError):
+    """A ControlNet to register that is not there: no such folder, no ControlNet config in it."""
+
+
+# diffusers' `_class_name` of each kind of ControlNet config (xinsir's own code calls its class ControlNetModel_Union).
+SINGLE_CLASSES = ("ControlNetModel",)
+UNION_CLASSES = ("ControlNetUnionModel", "ControlNetModel_Union")
+
+
+def controlnet_kind(folder: Union[str, Path]) -> str:
+    """'single' or 'union' for a diffusers ControlNet folder (or xinsir's promax files); ControlNetFolderError,
+    naming the folder and what is wrong, for anything else. Registration calls this at once, so a wrong path
+    fails when it is given, not at the first request that needs it."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ControlNetFolderError(f"ControlNet folder {folder} {'is a file' if folder.exists() else 'does not exist'}"
+                                    " (give the folder holding its config.json)")
+    if (folder / "config_promax.json").is_file():
+        return "union"  # xinsir's promax files (loaded by name, whatever their config's class says)
+    config = folder / "config.json"
+    try:
+        class_name = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
+    except FileNotFoundError:
+        raise ControlNetFolderError(f"{folder} has no config.json: not a diffusers ControlNet folder") from None
+    except (ValueError, AttributeError, UnicodeDecodeError) as exc:
+        raise ControlNetFolderError(f"{config} is not a readable model config ({exc})") from None
+    if class_name in SINGLE_CLASSES or class_name in UNION_CLASSES:
+        return "union" if class_name in UNION_CLASSES else "single"
+    raise ControlNetFolderError(f"{folder} holds a {class_name or 'model without _class_name'} config, not a ControlNet "
+                                f"({' or '.join(SINGLE_CLASSES + UNION_CLASSES)})")
+
+
 class ControlNetLibrary:
     """The ControlNet models an engine can use by control type, loaded on first use and kept.
 
     By default canny, depth and pose use their single-type SDXL ControlNets and every other type
-    the ControlNet-Union model, all from the manifest (fetched with `refgen weights fetch`).
+    the ControlNet-Union model, all from the manifest (fetched with `refgen weights fetch`), or from
+    `manifest` / `weights_dir` when given (the tiny model's stand-ins).
     """
 
     def __init__(self, device: torch.device, dtype: torch.dtype, references: Optional[dict[str, str]] = None,
-                 use_manifest: bool = True):
+                 use_manifest: bool = True, *, manifest=None, weights_dir: Optional[Path] = None):
         self._device, self._dtype = device, dtype
+        self._manifest, self._weights_dir = manifest, weights_dir
         self._references: dict[str, object] = {}
         self._loaded: dict[object, torch.nn.Module] = {}  # by reference: a union model loads once for all its types
-        if use_manifest:
-            self.register_union(UNION_MODEL, [t for t in UNION_MODES if t not in DEFAULT_MODELS])
+        if use_manifest:  # names only: whether they are fetched is checked when a request needs them
+            for control_type in UNION_MODES:
+                self._references[control_type] = ("union", UNION_MODEL)
             for control_type, reference in DEFAULT_MODELS.items():
-                self.register(control_type, reference)
+                self._references[control_type] = ("single", reference)
         for control_type, reference in (references or {}).items():
             self.register(control_type, reference)
 
     def register(self, control_type: str, reference: Union[str, Path, torch.nn.Module]) -> None:
-        """Serve `control_type` with a manifest name, a diffusers ControlNet folder, or a loaded model."""
+        """Serve `control_type` with a diffusers ControlNet folder (single-type or ControlNet-Union: its config
+        says which), a manifest name, or a loaded model. A folder is checked now (ControlNetFolderError)."""
         key = canonical_type(control_type)
         if isinstance(reference, torch.nn.Module):
             self._loaded[id(reference)] = reference.to(self._device, self._dtype).eval()
-            reference = id(reference)
-        self._references[key] = ("single", str(reference) if isinstance(reference, Path) else reference)
+            self._references[key] = ("single", id(reference))
+            return
+        if self._is_manifest_name(reference):
+            kind = "union" if str(reference) == UNION_MODEL else "single"
+        else:
+            kind = controlnet_kind(reference)
+        if kind == "union":
+            self.register_union(reference, [key])
+        else:
+            self._references[key] = ("single", str(reference))
 
     def register_union(self, reference: Union[str, Path], control_types: Optional[list[str]] = None) -> None:
-        """Serve `control_types` (default: all it knows) with a ControlNet-Union model."""
+        """Serve `control_types` (default: all it knows) with a ControlNet-Union model (folder or manifest name)."""
+        if not self._is_manifest_name(reference) and controlnet_kind(reference) != "union":
+            raise ControlNetFolderError(f"{reference} holds a single-type ControlNet, not ControlNet-Union; use register()")
         for control_type in control_types or list(UNION_MODES):
             key = canonical_type(control_type)
             if key not in UNION_MODES:
                 raise ControlError(f"ControlNet-Union has no mode for {key!r}; it serves {', '.join(UNION_MODES)}")
             self._references[key] = ("union", str(reference))
+
+    def _is_manifest_name(self, reference: Union[str, Path]) -> bool:
+        """A bare name of the manifest (not an existing path): fetched or built when first needed."""
+        from engine import weights
+
+        if isinstance(reference, Path) or Path(str(reference)).expanduser().exists():
+            return False
+        return str(reference) in (self._manifest or weights.Manifest.load()).names()
 
     def served_types(self) -> list[str]:
         return sorted(self._references)
@@ -160,7 +215,7 @@ class ControlNetLibrary:
         if key not in self._references:
             raise ControlError(
                 f"no ControlNet serves control type {key!r}; served: {', '.join(self.served_types())}. "
-                "Register one with engine.controlnets.register(type, folder_or_manifest_name)"
+                "Register one with engine.controlnets.register(type, folder) (CLI: --controlnet-model TYPE=FOLDER)"
             )
         kind, reference = self._references[key]
         if reference not in self._loaded:
@@ -176,8 +231,8 @@ class ControlNetLibrary:
         from engine import weights
 
         folder = Path(reference).expanduser()
-        if not folder.is_dir():
-            folder = weights.require(reference)  # WeightsMissingError names `refgen weights fetch ...`
+        if not folder.is_dir():  # a manifest name: WeightsMissingError names `refgen weights fetch ...`
+            folder = weights.require(reference, self._weights_dir, self._manifest)
         model = _load_union(folder, self._dtype) if kind == "union" else _load_single(folder, self._dtype)
         return model.to(self._device).eval()
 

@@ -569,16 +569,10 @@ def _analyzer_identity(pack: str, files: dict[str, Path], det_size: tuple[int, i
 
 
 def _resolve_device(device: Any):
-    import torch
+    """The engine's device rules (DeviceError for a GPU this machine lacks), never a silent CPU fallback."""
+    from engine.engine import pick_device  # imported here: engine.engine imports the adapters
 
-    if device is None:
-        from engine.engine import pick_device  # imported here: engine.engine imports the adapters
-
-        return pick_device(None, None)[0]
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise FaceSelectionError(f"unknown device {device!r}: {exc}") from exc
+    return pick_device(None if device is None else str(device), None)[0]
 
 
 def _provider_name(provider: Any) -> str:

@@ -145,8 +145,9 @@ class IdentityAdapters:
 
     def __init__(self, ip_adapters: IPAdapters, device, dtype, *, faceid: Union[str, Path] = FACEID_ENTRY,
                  instantid: Union[str, Path] = INSTANTID_ENTRY, store: Optional[CharacterStore] = None,
-                 analyzers: Optional[dict[str, FaceAnalyzer]] = None):
+                 analyzers: Optional[dict[str, FaceAnalyzer]] = None, manifest=None, weights_dir: Optional[Path] = None):
         self._ip, self._device, self._dtype = ip_adapters, device, dtype
+        self._manifest, self._weights_dir = manifest, weights_dir  # where manifest names are looked up
         self._references = {"faceid": str(faceid), "instantid": str(instantid)}
         self._store = store
         self._analyzers: dict[str, FaceAnalyzer] = dict(analyzers or {})
@@ -156,7 +157,8 @@ class IdentityAdapters:
         """insightface over the pack `adapter` was trained with, loaded on first use."""
         pack = PACKS[adapter]
         if pack not in self._analyzers:
-            self._analyzers[pack] = FaceAnalyzer.load(pack, device=str(self._device))
+            self._analyzers[pack] = FaceAnalyzer.load(pack, device=str(self._device), weights_dir=self._weights_dir,
+                                                      manifest=self._manifest)
         return self._analyzers[pack]
 
     @property
@@ -249,7 +251,7 @@ class IdentityAdapters:
 
         reference = self._references[adapter]
         folder = Path(reference).expanduser()
-        return folder if folder.is_dir() else weights.require(reference)
+        return folder if folder.is_dir() else weights.require(reference, self._weights_dir, self._manifest)
 
     def _identity_net(self):
         if self._identitynet is None:

@@ -135,9 +135,10 @@ class IPAdapters:
 
     def __init__(self, pipe, device, dtype, reference: Union[str, Path] = IP_ADAPTER_ENTRY,
                  variant: Literal["vit-h", "plus"] = "vit-h", image_encoder_folder: str = IMAGE_ENCODER_FOLDER,
-                 cache_size: int = 64, allow_pickle: bool = False):
+                 cache_size: int = 64, allow_pickle: bool = False, manifest=None, weights_dir: Optional[Path] = None):
         self._pipe, self._device, self._dtype = pipe, device, dtype
         self._reference, self._encoder_folder = str(reference), image_encoder_folder
+        self._manifest, self._weights_dir = manifest, weights_dir  # where a manifest name is looked up
         self._weight_file, self._hidden_states = WEIGHT_FILES[variant], variant == "plus"
         self._allow_pickle = allow_pickle
         self._loaded: tuple[AdapterFile, ...] = ()
@@ -214,7 +215,7 @@ class IPAdapters:
         from engine import weights
 
         folder = Path(self._reference).expanduser()
-        return folder if folder.is_dir() else weights.require(self._reference)
+        return folder if folder.is_dir() else weights.require(self._reference, self._weights_dir, self._manifest)
 
     def _combined(self, references: list[Reference]) -> tuple[torch.Tensor, torch.Tensor]:
         """Influence-weighted mean of the references' embeddings (only the ratio of influences matters)."""

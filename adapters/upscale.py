@@ -60,11 +60,14 @@ MIN_TILE = 64  # out-of-memory halving stops here
 MIN_USER_TILE = 16
 MAX_OUTPUT_PIXELS = 1 << 28  # 16384 x 16384: a 4096-px square at x4; the float accumulators take ~4 GB
 MANIFEST_KIND = "upscaler"
-TINY_REFERENCES = {"tiny": 4, "tiny-x4": 4, "tiny-x2": 2}
+# In-memory, exact nearest-neighbour stand-ins (SRVGGNetCompact with zero weights): handy in tests.
+TINY_REFERENCES = {"tiny-x4": 4, "tiny-x2": 2}
 TINY_NOTICE = (
-    "tiny: a built-in stand-in upscaler (nearest-neighbour, no detail added) for offline smoke runs; "
+    "{name}: a built-in stand-in upscaler for offline smoke runs ({what}); "
     "fetch a real one with `refgen weights fetch realesrgan-x4plus`"
 )
+TINY_MODEL_REFERENCES = {"tiny": "realesrgan-x4plus", "tiny-realesrgan-x4plus": "realesrgan-x4plus",
+                         "tiny-realesrgan-x2plus": "realesrgan-x2plus"}  # the tiny model's random Real-ESRGAN files
 
 Progress = Union[bool, Callable[[int, int], None]]
 
@@ -94,17 +97,19 @@ class UpscalerInfo:
 # ------------------------------------------------------------------------------------ loading
 
 
-def resolve_reference(reference: Union[str, Path], allow_pickle: bool = False) -> tuple[Path, Optional[str]]:
-    """(weights file, manifest entry name or None) for a manifest name or a checkpoint path."""
+def resolve_reference(reference: Union[str, Path], allow_pickle: bool = False, *, manifest=None,
+                      weights_dir: Optional[Path] = None) -> tuple[Path, Optional[str]]:
+    """(weights file, manifest entry name or None) for a manifest name or a checkpoint path. Names are
+    looked up in `manifest` under `weights_dir` (default: weights/manifest.toml and the weights folder)."""
     path = Path(reference).expanduser()
     if path.is_file():
         _check_suffix(path)
         check_pickle(path, allow_pickle)
         return path, None
-    manifest = weights.Manifest.load()
+    manifest = manifest or weights.Manifest.load()
     name = str(reference)
     if name in manifest.names():
-        folder = weights.require(name, manifest=manifest)  # WeightsMissingError names the fetch command
+        folder = weights.require(name, weights_dir, manifest)  # WeightsMissingError names the fetch command
         entry = manifest.get(name)
         files = [folder / f.path for f in entry.files if Path(f.path).suffix.lower() in {".safetensors", *PICKLE_SUFFIXES}]
         if not files:
@@ -342,14 +347,24 @@ class Upscaler:
 
     @classmethod
     def load(cls, reference: Union[str, Path], device: Union[str, torch.device, None] = None,
-             dtype: Union[str, torch.dtype, None] = None, allow_pickle: bool = False) -> "Upscaler":
-        """From a manifest name (`realesrgan-x4plus`), a .safetensors / .pth (allow_pickle) file, or
-        `tiny` / `tiny-x2` (a built-in nearest-neighbour stand-in for offline smoke runs)."""
-        if str(reference) in TINY_REFERENCES:
-            up = cls.from_state_dict(tiny_state_dict(TINY_REFERENCES[str(reference)]), device, dtype, name=str(reference))
-            up.notice = TINY_NOTICE
+             dtype: Union[str, torch.dtype, None] = None, allow_pickle: bool = False, *, manifest=None,
+             weights_dir: Optional[Path] = None) -> "Upscaler":
+        """From a manifest name (`realesrgan-x4plus`, looked up in `manifest` under `weights_dir`), a
+        .safetensors / .pth (allow_pickle) file, `tiny` / `tiny-realesrgan-x2plus` (the tiny model's random
+        Real-ESRGAN, built on first use in its cache folder), or `tiny-x4` / `tiny-x2` (nearest-neighbour)."""
+        name = str(reference)
+        if name in TINY_REFERENCES:
+            up = cls.from_state_dict(tiny_state_dict(TINY_REFERENCES[name]), device, dtype, name=name)
+            up.notice = TINY_NOTICE.format(name=name, what="nearest-neighbour, no detail added")
             return up
-        path, entry = resolve_reference(reference, allow_pickle)
+        if name in TINY_MODEL_REFERENCES:
+            from engine import paths, tiny
+
+            up = cls.load(TINY_MODEL_REFERENCES[name], device, dtype, manifest=tiny.components_manifest(),
+                          weights_dir=tiny.components_dir(paths.cache_dir()))
+            up.notice = TINY_NOTICE.format(name=name, what="random Real-ESRGAN weights")
+            return up
+        path, entry = resolve_reference(reference, allow_pickle, manifest=manifest, weights_dir=weights_dir)
         state = read_state_dict(path, allow_pickle)
         descriptor = describe_state_dict(state, path.name)
         info = UpscalerInfo(

@@ -1,4 +1,4 @@
-"""refgen's engine: `from engine import Engine, GenerationRequest`.
+"""refgen's engine: `from engine import Engine, GenerationRequest, ControlUnit, Reference, CharacterReference`.
 
 Names are resolved on first use, so that importing a leaf module (engine.errors, engine.weights)
 from an adapter does not pull in the whole engine, and adapters can depend on engine modules
@@ -12,6 +12,9 @@ _EXPORTS = {
     "GenerationResult": "engine.engine",
     "GenerationRequest": "engine.request",
     "LoraSpec": "engine.request",
+    "ControlUnit": "adapters.controlnet",
+    "Reference": "adapters.ip_adapter",
+    "CharacterReference": "adapters.identity",
     "StepInfo": "engine.sampling",
     "RefgenError": "engine.errors",
     "WeightsMissingError": "engine.errors",
@@ -19,6 +22,13 @@ _EXPORTS = {
     "InvalidImageError": "engine.errors",
     "GenerationCancelled": "engine.errors",
     "NonFiniteOutputError": "engine.errors",
+    "DeviceError": "engine.errors",
+    "ProvenanceError": "engine.errors",
+    "OutputPathError": "engine.errors",
+    "WeightsDownloadError": "engine.errors",
+    "ControlNetFolderError": "adapters.controlnet",
+    "LoraError": "engine.lora",
+    "PeftVersionError": "engine.lora",
 }
 
 __all__ = sorted(_EXPORTS)

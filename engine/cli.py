@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from types import MappingProxyType
+from typing import Annotated, Any, Optional
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .cli_character import character_app
+from .cli_errors import refgen_errors
 from .cli_serve import serve
 from .cli_sheet import sheet
 from .cli_upscale import upscale
-from .cli_weights import _fail, _refgen_errors, weights_app
+from .cli_weights import weights_app
 
 app = typer.Typer(help="refgen: local SDXL image generation with references, reproducible to the bit.", no_args_is_help=True)
 presets_app = typer.Typer(help="Built-in and user presets.", no_args_is_help=True)
@@ -25,18 +28,83 @@ app.add_typer(presets_app, name="presets")
 app.add_typer(character_app, name="character")
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Manifest name, diffusers folder, cached repo id, .safetensors file, or 'tiny'.")]
+ControlNetModelOption = Annotated[Optional[list[str]], typer.Option(
+    "--controlnet-model", metavar="TYPE=FOLDER",
+    help="Your own ControlNet for a control type: a diffusers ControlNet (or ControlNet-Union) folder, e.g. canny=./my-canny-cn (repeatable).")]
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:1, cpu (default: cuda if available).")]
 DtypeOption = Annotated[Optional[str], typer.Option("--dtype", help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU).")]
-OutOption = Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs.", file_okay=False)]
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs (created if missing).", file_okay=False)]
+
+# Request field -> the option a user types, so validation errors name the flag (see cli_errors).
+GENERATE_FLAGS = MappingProxyType({
+    "prompt": "PROMPT", "negative_prompt": "--negative", "aspect_ratio": "--aspect", "width": "--width",
+    "height": "--height", "num_images": "--n", "seed": "--seed", "steps": "--steps", "guidance_scale": "--guidance",
+    "scheduler": "--scheduler", "mode": "--mode", "preset": "--preset", "init_image": "--init",
+    "init_strength": "--init-strength", "mask_image": "--mask", "mask_feather": "--feather", "loras": "--lora",
+    "controlnets": "--control", "references": "--style/--content", "character": "--character",
+    "character.weight": "--character-strength", "character.strength_type": "--character-strength",
+    "character.adapter": "--character-adapter", "character.pose_image": "--pose",
+    "character.face_index": "--face-index", "best_of": "--best-of", "upscale": "--upscale", "upscaler": "--upscaler",
+})
+REMIX_FLAGS = MappingProxyType({
+    "prompt": "PROMPT", "init_image": "IMAGE", "num_images": "--n", "seed": "--seed", "preset": "--preset",
+    "steps": "--steps", "init_strength": "--init-strength", "controlnets": "--control", "type": "--control",
+    "weight": "--control-weight",
+})
+# Commands that load diffusers/transformers models; others skip importing them (seconds) just to silence them.
+MODEL_COMMANDS = frozenset({"generate", "remix", "replay", "serve"})
 
 
-def _load_engine(model: str, device, dtype, allow_pickle=False, offload=False, compile=False, vae_tiling=False, attention="auto"):
+@app.callback()
+def _main(context: typer.Context) -> None:
+    if context.invoked_subcommand in MODEL_COMMANDS:
+        context.with_resource(_quiet_libraries())
+
+
+@contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """diffusers'/transformers' progress bars and info/warning lines off for this run: the CLI shows its own
+    progress, and errors come as refgen's one line. Restored after, for code sharing the process (tests)."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _, _ in saved:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, verbosity, bars in saved:
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
+
+
+def _load_engine(model: str, device, dtype, allow_pickle=False, offload=False, compile=False, vae_tiling=False, attention="auto",
+                 controlnets: Optional[dict[str, str]] = None):
     from . import Engine
 
     console = Console(stderr=True)
     with console.status(f"loading {model} ..."):
         return Engine.load(model, device, dtype, allow_pickle=allow_pickle, offload=offload, compile=compile,
-                           vae_tiling=vae_tiling, attention=attention)
+                           vae_tiling=vae_tiling, attention=attention, controlnets=controlnets)
+
+
+def _controlnet_models(values: Optional[list[str]]) -> dict[str, str]:
+    """--controlnet-model canny=./my-cn ... -> {"canny": "./my-cn"}; the folders are checked by Engine.load."""
+    from adapters.controlnet import canonical_type
+
+    models = {}
+    for text in values or []:
+        kind, equals, folder = text.partition("=")
+        if not equals or not folder:
+            raise typer.BadParameter(f"{text!r} is not TYPE=FOLDER, e.g. canny=./my-canny-cn", param_hint="--controlnet-model")
+        try:
+            models[canonical_type(kind)] = folder
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--controlnet-model") from None
+    return models
 
 
 def _progress() -> Progress:
@@ -57,27 +125,19 @@ def _step_reporter(progress: Progress):
     return on_step
 
 
-def _validation_message(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"]) or "request"
-        parts.append(f"{field}: {error['msg']}")
-    return "invalid request -- " + "; ".join(parts)
-
-
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
-    negative: Annotated[Optional[str], typer.Option("--negative", "-n", help="Negative prompt.")] = None,
-    aspect: Annotated[Optional[str], typer.Option("--aspect", "-a", help="Aspect ratio, e.g. 16:9 (model-optimal size).")] = None,
-    width: Annotated[Optional[int], typer.Option("--width", "-W")] = None,
-    height: Annotated[Optional[int], typer.Option("--height", "-H")] = None,
-    count: Annotated[int, typer.Option("--n", "--count", help="Images (1-8); image i uses seed+i.")] = 1,
+    negative: Annotated[Optional[str], typer.Option("--negative", help="Negative prompt: what to keep out of the picture.")] = None,
+    aspect: Annotated[Optional[str], typer.Option("--aspect", "-a", help="Aspect ratio, e.g. 16:9: the model-optimal size of that shape (default: 1:1, or the preset's).")] = None,
+    width: Annotated[Optional[int], typer.Option("--width", "-W", help="Width in px, a multiple of 8 (64-4096); give with --height, instead of --aspect.")] = None,
+    height: Annotated[Optional[int], typer.Option("--height", "-H", help="Height in px, a multiple of 8 (64-4096); give with --width, instead of --aspect.")] = None,
+    count: Annotated[int, typer.Option("--n", "-n", "--count", help="Images (1-8); image i uses seed+i.")] = 1,
     seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Seed (random when omitted; always recorded).")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps")] = None,
-    guidance: Annotated[Optional[float], typer.Option("--guidance", "-g", help="CFG scale 1-20.")] = None,
-    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="e.g. dpmpp_2m_karras, euler_a, EULER_DISCRETE.")] = None,
-    mode: Annotated[Optional[str], typer.Option("--mode", help="fast; quality (more steps + x1.5 refine pass); ultra (ESRGAN x2 + tiled refine).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Sampling steps 1-150 (default: the preset's, else the mode's: fast 20, quality 40, ultra 30).")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", "-g", help="CFG scale 1-20 (default: the preset's, else 7).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="e.g. dpmpp_2m_karras (default), euler_a, EULER_DISCRETE.")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="fast (default); quality (more steps + x1.5 refine pass); ultra (ESRGAN x2 + tiled refine).")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="See `refgen presets list`.")] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="Init image for img2img.", dir_okay=False)] = None,
     init_strength: Annotated[Optional[float], typer.Option("--init-strength", help="0.1-0.9; higher = closer to the init image.")] = None,
@@ -93,9 +153,10 @@ def generate(
     best_of: Annotated[Optional[int], typer.Option("--best-of", help="Make N (2-8) and rank them by likeness to the character.")] = None,
     mask: Annotated[Optional[Path], typer.Option("--mask", help="Inpainting mask (white = repaint), same size as --init.", dir_okay=False)] = None,
     feather: Annotated[int, typer.Option("--feather", help="Soft seam inside the mask edge, px.")] = 4,
-    upscale_by: Annotated[Optional[int], typer.Option("--upscale", help="ESRGAN x2 or x4 after generation.")] = None,
-    upscaler: Annotated[Optional[str], typer.Option("--upscaler", help="ESRGAN model for --upscale / ultra (manifest name or file).")] = None,
+    upscale_by: Annotated[Optional[int], typer.Option("--upscale", help="ESRGAN x2 or x4 after generation (default: none).")] = None,
+    upscaler: Annotated[Optional[str], typer.Option("--upscaler", help="ESRGAN model for --upscale / ultra, manifest name or file (default: realesrgan-x2plus / -x4plus).")] = None,
     inpaint_unet: Annotated[Optional[str], typer.Option("--inpaint-unet", help="SDXL inpainting UNet for --mask, e.g. sdxl-inpainting.")] = None,
+    controlnet_model: ControlNetModelOption = None,
     model: ModelOption = "sdxl-base",
     out: OutOption = Path("out"),
     device: DeviceOption = None,
@@ -105,23 +166,29 @@ def generate(
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (slow first image).")] = False,
     vae_tiling: Annotated[bool, typer.Option("--vae-tiling", help="Tiled VAE for large images on small GPUs.")] = False,
 ) -> None:
-    """Generate images and write them as PNGs with replayable provenance."""
+    """Generate images and write them as PNGs with replayable provenance.
+
+    \b
+    Examples:
+      refgen generate "a red fox in the snow" --aspect 16:9 -n 4 --seed 7
+      refgen generate "a castle at dusk" --preset cinematic --mode quality --negative "blurry, text"
+      refgen generate "a watercolor harbour" --model tiny --steps 2 --width 64 --height 64   # offline smoke run
+    """
     from . import GenerationRequest
 
-    with _refgen_errors():
-        try:
-            request = GenerationRequest(
-                prompt=prompt, negative_prompt=negative, aspect_ratio=aspect, width=width, height=height,
-                num_images=count, seed=seed, steps=steps, guidance_scale=guidance, scheduler=scheduler, mode=mode,
-                preset=preset, init_image=init, init_strength=init_strength, loras=lora or [],
-                controlnets=[_control_unit(text) for text in control or []], mask_image=mask, mask_feather=feather,
-                upscale=upscale_by, upscaler=upscaler,
-                references=[_reference("style", text) for text in style or []] + ([_reference("content", content)] if content else []),
-                character=_character(character, character_strength, character_adapter, pose, face_index), best_of=best_of,
-            )
-        except ValidationError as exc:
-            _fail(_validation_message(exc))
-        engine = _load_engine(model, device, dtype, allow_pickle, offload, compile, vae_tiling)
+    with refgen_errors(GENERATE_FLAGS, tiny_model=model != "tiny"):  # never offer what was given
+        request = GenerationRequest(
+            prompt=prompt, negative_prompt=negative, aspect_ratio=aspect, width=width, height=height,
+            num_images=count, seed=seed, steps=steps, guidance_scale=guidance, scheduler=scheduler, mode=mode,
+            preset=preset, init_image=init, init_strength=init_strength, loras=lora or [],
+            controlnets=[_control_unit(text) for text in control or []], mask_image=mask, mask_feather=feather,
+            upscale=upscale_by, upscaler=upscaler,
+            references=[_reference("style", text) for text in style or []] + ([_reference("content", content)] if content else []),
+            character=_character(character, character_strength, character_adapter, pose, face_index), best_of=best_of,
+        )
+        _check_inputs(request, allow_pickle)
+        engine = _load_engine(model, device, dtype, allow_pickle, offload, compile, vae_tiling,
+                              controlnets=_controlnet_models(controlnet_model))
         if inpaint_unet:
             engine.load_inpaint_unet(inpaint_unet)
         _generate_and_save(engine, request, out)
@@ -136,10 +203,44 @@ def _generate_and_save(engine, request, out: Path) -> None:
         typer.echo(f"{path}  (seed {seed_used}{likeness})")
 
 
-def _control_unit(text: str):
-    """'canny:edges.png:0.8:0:0.9' -> ControlUnit (weight, start and end optional)."""
-    from adapters.controlnet import ControlUnit
+def _check_inputs(request, allow_pickle: bool) -> None:
+    """Read every input file before the model loads: a typo costs a second, not a model load."""
+    from .images import load_rgb
 
+    for source, label in _input_images(request):
+        load_rgb(source, label)
+    for spec in request.loras:
+        _check_lora(spec.path, allow_pickle)
+    if request.character is not None and request.character.name is not None:
+        from adapters.characters import CharacterStore
+
+        CharacterStore().get(request.character.name)
+
+
+def _input_images(request) -> list[tuple[Any, str]]:
+    """(path, label naming the flag) of every image a request reads."""
+    images = [(request.init_image, "init image (--init)"), (request.mask_image, "mask (--mask)")]
+    images += [(unit.image, f"control image {n} (--control)") for n, unit in enumerate(request.controlnets, 1)]
+    images += [(ref.image, f"{ref.kind} reference image (--{ref.kind})") for ref in request.references]
+    if request.character is not None:
+        images += [(image, f"character image {n} (--character)") for n, image in enumerate(request.character.images, 1)]
+        images.append((request.character.pose_image, "pose image (--pose)"))
+    return [(source, label) for source, label in images if source is not None]
+
+
+def _check_lora(path_text: str, allow_pickle: bool) -> None:
+    from .loading import check_pickle
+    from .lora import LoraError
+
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise LoraError(f"LoRA file not found (--lora): {path}")
+    check_pickle(path, allow_pickle)
+
+
+def _control_unit(text: str) -> dict:
+    """'canny:edges.png:0.8:0:0.9' -> ControlUnit fields (weight, start and end optional), validated with
+    the request so errors name --control."""
     from .request import is_number
 
     kind, _, rest = text.partition(":")
@@ -148,13 +249,12 @@ def _control_unit(text: str):
     while len(parts) > 1 and is_number(parts[-1]):
         numbers.insert(0, float(parts.pop()))
     fields = dict(zip(("weight", "start", "end"), numbers))
-    return ControlUnit(type=kind, image=":".join(parts), **fields)
+    return {"type": kind, "image": ":".join(parts), **fields}
 
 
-def _character(values: Optional[list[str]], strength: Optional[str], adapter: str, pose: Optional[Path], face_index: Optional[int]):
-    """--character NAME, or --character photo.jpg [--character photo2.jpg ...] -> CharacterReference."""
-    from adapters.identity import CharacterReference
-
+def _character(values: Optional[list[str]], strength: Optional[str], adapter: str, pose: Optional[Path],
+               face_index: Optional[int]) -> Optional[dict]:
+    """--character NAME, or --character photo.jpg [--character photo2.jpg ...] -> CharacterReference fields."""
     from .request import is_number
 
     if not values:
@@ -164,14 +264,20 @@ def _character(values: Optional[list[str]], strength: Optional[str], adapter: st
     fields: dict = {"adapter": adapter, "pose_image": pose, "face_index": face_index}
     if strength is not None:
         fields["weight" if is_number(strength) else "strength_type"] = float(strength) if is_number(strength) else strength
-    if len(values) == 1 and not Path(values[0]).expanduser().is_file():
-        return CharacterReference(name=values[0], **fields)
-    return CharacterReference(images=[Path(value) for value in values], **fields)
+    if len(values) == 1 and not _is_photo(values[0]):
+        return {"name": values[0], **fields}
+    return {"images": [Path(value) for value in values], **fields}
 
 
-def _reference(kind: str, text: str):
-    """'ink.png:High:2' / 'ink.png:0.8' / 'ink.png' -> Reference."""
-    from adapters.ip_adapter import STRENGTH_WEIGHTS, Reference
+def _is_photo(value: str) -> bool:
+    """A file, or shaped like a path: a saved character's name has no '.', '/' or '\\', so a mistyped
+    photo is reported as a missing photo, not as an unknown character."""
+    return Path(value).expanduser().is_file() or any(mark in value for mark in "./\\")
+
+
+def _reference(kind: str, text: str) -> dict:
+    """'ink.png:High:2' / 'ink.png:0.8' / 'ink.png' -> Reference fields."""
+    from adapters.ip_adapter import STRENGTH_WEIGHTS
 
     from .request import is_number
 
@@ -183,7 +289,7 @@ def _reference(kind: str, text: str):
         fields["strength_type"] = parts.pop()
     elif len(parts) >= 2 and is_number(parts[-1]):
         fields["weight"] = float(parts.pop())
-    return Reference(kind=kind, image=":".join(parts), **fields)
+    return {"kind": kind, "image": ":".join(parts), **fields}
 
 
 @app.command()
@@ -192,45 +298,60 @@ def remix(
     prompt: Annotated[str, typer.Argument(help="What it should become.")],
     control: Annotated[str, typer.Option("--control", help="canny (outlines) or depth (3D layout).")] = "canny",
     init_strength: Annotated[float, typer.Option("--init-strength", help="0.1-0.9; higher = closer to the original.")] = 0.35,
-    control_weight: Annotated[float, typer.Option("--control-weight", help="0-2.")] = 0.6,
-    count: Annotated[int, typer.Option("--n", "--count")] = 1,
-    seed: Annotated[Optional[int], typer.Option("--seed", "-s")] = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", "-p")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps")] = None,
+    control_weight: Annotated[float, typer.Option("--control-weight", help="How strongly the structure is held, 0-2.")] = 0.6,
+    count: Annotated[int, typer.Option("--n", "-n", "--count", help="Images (1-8); image i uses seed+i.")] = 1,
+    seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Seed (random when omitted; always recorded).")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="See `refgen presets list`.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Sampling steps 1-150 (default: the preset's, else 20).")] = None,
+    controlnet_model: ControlNetModelOption = None,
     model: ModelOption = "sdxl-base",
     out: OutOption = Path("out"),
     device: DeviceOption = None,
     dtype: DtypeOption = None,
 ) -> None:
-    """Remix an image: same structure, new content or style (init image + ControlNet from the same image)."""
+    """Remix an image: same structure, new content or style (init image + ControlNet from the same image).
+
+    \b
+    Examples:
+      refgen remix photo.jpg "a bronze statue"
+      refgen remix room.png "a cosy cabin interior" --control depth --init-strength 0.2 -n 3
+      refgen remix sketch.png "an oil painting" --control-weight 1.0 --preset cinematic --seed 11
+    """
     from .remix import remix_request
 
-    with _refgen_errors():
-        try:
-            request = remix_request(image, prompt, control=control, init_strength=init_strength, control_weight=control_weight,
-                                    num_images=count, seed=seed, preset=preset, steps=steps)
-        except ValidationError as exc:
-            _fail(_validation_message(exc))
-        _generate_and_save(_load_engine(model, device, dtype), request, out)
+    with refgen_errors(REMIX_FLAGS, tiny_model=model != "tiny"):
+        request = remix_request(image, prompt, control=control, init_strength=init_strength, control_weight=control_weight,
+                                num_images=count, seed=seed, preset=preset, steps=steps)
+        _generate_and_save(_load_engine(model, device, dtype, controlnets=_controlnet_models(controlnet_model)), request, out)
 
 
 @app.command()
 def replay(
     image: Annotated[Path, typer.Argument(help="A PNG written by refgen.", exists=True, dir_okay=False)],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to use (default: the one recorded).")] = None,
-    init: Annotated[Optional[Path], typer.Option("--init", help="The init image, if it has moved.")] = None,
+    init: Annotated[Optional[Path], typer.Option("--init", help="The init image, if it has moved.", dir_okay=False)] = None,
     out: OutOption = Path("out"),
     device: DeviceOption = None,
     dtype: DtypeOption = None,
 ) -> None:
-    """Regenerate an image from its metadata and say whether the pixels are identical."""
+    """Regenerate an image from its metadata and say whether the pixels are identical (exit 2 when not).
+
+    \b
+    Examples:
+      refgen replay out/20260101-120000-seed7.png
+      refgen replay old.png --init photos/moved.jpg --out replays
+      refgen replay gpu-made.png --device cpu --dtype fp32
+    """
     import numpy as np
     from PIL import Image
 
+    from .images import load_rgb
     from .provenance import read_metadata
 
-    with _refgen_errors():
+    with refgen_errors(tiny_model=True):
         meta = read_metadata(image)
+        if init is not None:
+            load_rgb(init, "init image (--init)")  # before the model loads
         recorded = meta["device"]
         engine = _load_engine(model or meta["model"]["reference"], device or None, dtype or recorded["dtype"])
         result = engine.replay(image, init_image=init)
@@ -249,11 +370,17 @@ def replay(
 
 @presets_app.command("list")
 def list_presets() -> None:
-    """Every preset (user presets override built-in ones of the same name)."""
+    """Every preset (user presets override built-in ones of the same name).
+
+    \b
+    Examples:
+      refgen presets list
+      refgen generate "a fox" --preset anime
+    """
     from . import paths
     from .presets import all_presets, builtin_presets
 
-    with _refgen_errors():
+    with refgen_errors():
         builtin = builtin_presets()
         table = Table("name", "source", "description", "steps", "guidance", "scheduler", "mode")
         for name, preset in sorted(all_presets().items()):
@@ -265,11 +392,17 @@ def list_presets() -> None:
 
 
 @presets_app.command("show")
-def show_preset(name: str) -> None:
-    """A preset's fields, and what it does to an example prompt."""
+def show_preset(name: Annotated[str, typer.Argument(help="A preset name (any case), see `refgen presets list`.")]) -> None:
+    """A preset's fields, and what it does to an example prompt.
+
+    \b
+    Examples:
+      refgen presets show cinematic
+      refgen presets show PORTRAIT
+    """
     from .presets import get_preset
 
-    with _refgen_errors():
+    with refgen_errors():
         preset = get_preset(name)
         for key, value in preset.model_dump(exclude_none=True).items():
             typer.echo(f"{key}: {value}")

@@ -2,7 +2,7 @@
 
 Mounted by the main CLI with `app.add_typer(character_app, name="character")`. Profiles live in
 $REFGEN_HOME/characters (see adapters/characters.py). Errors refgen raises on purpose become one red
-line and exit code 1 (`_refgen_errors`), never a traceback.
+line and exit code 1 (`refgen_errors`), never a traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .cli_weights import _refgen_errors
+from .cli_errors import refgen_errors
 
 character_app = typer.Typer(
     help="Character profiles: a named face identity (3-5 anchor photos + an identity anchor string).",
@@ -40,8 +40,15 @@ def create_character(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing character of this name.")] = False,
     device: Annotated[Optional[str], typer.Option("--device", help="cuda, cpu (default: cuda if available).")] = None,
 ) -> None:
-    """Analyse the anchor photos and save the character's embeddings, face crop and anchor string."""
-    with _refgen_errors():
+    """Analyse the anchor photos and save the character's embeddings, face crop and anchor string.
+
+    \b
+    Examples:
+      refgen character create Mira mira1.jpg mira2.jpg mira3.jpg --anchor "mira, short red hair, green eyes"
+      refgen character create Mira new1.jpg new2.jpg --anchor "mira, red bob" --overwrite
+      refgen character create Tom tom.png --anchor "tom, grey beard" --pack buffalo_l
+    """
+    with refgen_errors():
         from adapters.characters import MAX_ANCHORS, CharacterError
         from adapters.faces import FaceAnalyzer
 
@@ -60,8 +67,14 @@ def create_character(
 
 @character_app.command("list")
 def list_characters() -> None:
-    """Show every stored character."""
-    with _refgen_errors():
+    """Show every stored character.
+
+    \b
+    Examples:
+      refgen character list
+      refgen generate "portrait in the rain" --character Mira
+    """
+    with refgen_errors():
         store = _store()
         characters = store.list()
     console = Console()
@@ -80,8 +93,14 @@ def list_characters() -> None:
 
 @character_app.command("show")
 def show_character(name: NameArgument) -> None:
-    """Show one character's fields and where its files are."""
-    with _refgen_errors():
+    """Show one character's fields and where its files are.
+
+    \b
+    Examples:
+      refgen character show Mira
+      refgen character show "mira"                  # names match in any case
+    """
+    with refgen_errors():
         character = _store().get(name)
     analyzer = character.analyzer
     rows = [
@@ -106,8 +125,14 @@ def delete_character(
     name: NameArgument,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Delete a character's profile and its stored anchor images."""
-    with _refgen_errors():
+    """Delete a character's profile and its stored anchor images.
+
+    \b
+    Examples:
+      refgen character delete Mira
+      refgen character delete Mira --yes           # no question asked
+    """
+    with refgen_errors():
         store = _store()
         character = store.get(name)  # unknown names fail before any question
         if not yes:

@@ -3,7 +3,7 @@
 A plain typer command function; the main CLI mounts it with `app.command()(sheet)`. Seeds come from
 refgen's PNG metadata; with --character, every image is scored against that character's identity and
 the sheet is ranked best first ("no face" last). Errors refgen raises on purpose become one red line
-and exit code 1 (`_refgen_errors`).
+and exit code 1 (`refgen_errors`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli_weights import _fail, _refgen_errors
+from .cli_errors import fail, refgen_errors
 from .errors import InvalidImageError
 from .images import write_atomic
 
@@ -27,14 +27,21 @@ def sheet(
     character: Annotated[Optional[str], typer.Option("--character", help="Score every image against this character and rank best first.")] = None,
     pack: Annotated[str, typer.Option("--pack", help="insightface pack for --character: antelopev2 or buffalo_l.")] = "antelopev2",
 ) -> None:
-    """Lay images out on one contact sheet: thumbnail, seed, identity score and file name per tile."""
+    """Lay images out on one contact sheet: thumbnail, seed, identity score and file name per tile.
+
+    \b
+    Examples:
+      refgen sheet out/*.png --out sheet.png
+      refgen sheet out/*.png --out ranked.png --character mira
+      refgen sheet a.png b.png c.png --out small.png --columns 3 --thumb 128
+    """
     from adapters.sheet import check_layout, contact_sheet, items_from_pngs
 
     if out.suffix.lower() != ".png":
-        _fail(f"--out must name a .png file, got {out}")
+        fail(f"--out must name a .png file, got {out}")
     if any(out.resolve() == image.resolve() for image in images):
-        _fail(f"refusing to overwrite the input image {out}; pass another --out")
-    with _refgen_errors():
+        fail(f"refusing to overwrite the input image {out}; pass another --out")
+    with refgen_errors():
         check_layout(columns, thumb)
         for image in images:  # every file checked before any face model loads
             if not image.is_file():

@@ -1,7 +1,7 @@
 """`refgen upscale IMAGE [--scale 2|4] [--model NAME|FILE] [--out PATH] [--tile N] ...`
 
 A plain typer command function; the main CLI mounts it with `app.command()(upscale)`. Errors
-refgen raises on purpose become one red line and exit code 1 (`_refgen_errors`).
+refgen raises on purpose become one red line and exit code 1 (`refgen_errors`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .cli_weights import _fail, _refgen_errors
+from .cli_errors import fail, refgen_errors
+from .errors import OutputPathError
 from .images import write_atomic
 
 SCALES = (2, 4)
@@ -45,6 +46,16 @@ def output_path(image: Path, out: Optional[Path], scale: int) -> Path:
     return candidate
 
 
+def check_out(out: Optional[Path]) -> None:
+    """An --out that cannot be written fails before the model loads (not with a traceback after it)."""
+    if out is None:
+        return
+    if out.suffix.lower() == ".png" and out.is_dir():
+        raise OutputPathError(f"--out {out} is an existing folder; name a file inside it or another .png")
+    if out.suffix.lower() != ".png" and out.exists() and not out.is_dir():
+        raise OutputPathError(f"--out {out} is an existing file, not a folder; name a .png file or a folder")
+
+
 def upscale(
     image: Annotated[Path, typer.Argument(help="Image to upscale (PNG, JPEG, WebP, ...). Transparency is kept.", dir_okay=False)],
     scale: Annotated[Optional[int], typer.Option("--scale", "-s", help="2 or 4 (default 4): picks the manifest model realesrgan-x<scale>plus. With --model, the model's own scale applies.")] = None,
@@ -56,26 +67,34 @@ def upscale(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle checkpoints (.pth/.pt): trusted files only.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar over tiles.")] = True,
 ) -> None:
-    """Upscale an image 2x or 4x with Real-ESRGAN (or any ESRGAN-family model), tile by tile."""
+    """Upscale an image 2x or 4x with Real-ESRGAN (or any ESRGAN-family model), tile by tile.
+
+    \b
+    Examples:
+      refgen upscale photo.png                      # x4, writes photo_x4.png beside it
+      refgen upscale photo.png --scale 2 --out big.png
+      refgen upscale art.png --model 4x-anime.safetensors --tile 256 --out upscaled/
+    """
     from adapters.upscale import Upscaler, load_image
 
     if scale is not None and scale not in SCALES:
-        _fail(f"--scale must be 2 or 4, got {scale}")
+        fail(f"--scale must be 2 or 4, got {scale}")
     console = Console(stderr=True)
-    with _refgen_errors():
+    with refgen_errors(tiny_model=model != "tiny"):  # never offer the option already given
         picture = load_image(image, what="input image")  # a bad file fails before any model loads
+        check_out(out)
         reference = model or default_model(scale or DEFAULT_SCALE)
-        if reference == "tiny":
-            reference = f"tiny-x{scale or DEFAULT_SCALE}"
+        if reference == "tiny":  # the tiny model's random Real-ESRGAN (the real layout, built offline)
+            reference = f"tiny-realesrgan-x{scale or DEFAULT_SCALE}plus"
         with console.status(f"loading {reference} ..."):
             upscaler = Upscaler.load(reference, device=device, allow_pickle=allow_pickle)
         if upscaler.notice:
             console.print(f"[yellow]{escape(upscaler.notice)}[/yellow]")
         if scale is not None and model is not None and upscaler.scale != scale:
-            _fail(f"{reference} upscales x{upscaler.scale}, not x{scale}; drop --scale or pick a x{scale} model")
+            fail(f"{reference} upscales x{upscaler.scale}, not x{scale}; drop --scale or pick a x{scale} model")
         target = output_path(image, out, upscaler.scale)
         if target.resolve() == image.resolve():
-            _fail(f"refusing to overwrite the input image {image}; pass another --out")
+            fail(f"refusing to overwrite the input image {image}; pass another --out")
         with _tile_progress(console, progress) as report:
             result = upscaler.upscale(picture, tile=tile, overlap=overlap, progress=report)
         meta = {

@@ -6,10 +6,8 @@ on purpose (RefgenError) become one red line and exit code 1, never a traceback.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -17,7 +15,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from engine import paths, weights
-from engine.errors import RefgenError
+from engine.cli_errors import fail as _fail
+from engine.cli_errors import refgen_errors as _refgen_errors
+from engine.errors import WeightsDownloadError
 
 weights_app = typer.Typer(
     help="List, fetch and verify the model weights named in weights/manifest.toml.",
@@ -40,22 +40,15 @@ ManifestOption = Annotated[
 STATUS_STYLE = {"ok": "green", "unverified": "yellow", "missing": "red", "mismatch": "bold red"}
 
 
-def _fail(message: str) -> NoReturn:
-    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code=1)
-
-
-@contextmanager
-def _refgen_errors() -> Iterator[None]:
-    try:
-        yield
-    except RefgenError as exc:
-        _fail(str(exc))
-
-
 @weights_app.command("list")
 def list_weights(weights_dir: WeightsDirOption = None, manifest: ManifestOption = None) -> None:
-    """Show every component of the manifest and whether its files are on disk."""
+    """Show every component of the manifest and whether its files are on disk.
+
+    \b
+    Examples:
+      refgen weights list
+      refgen weights list --weights-dir /data/refgen-weights
+    """
     with _refgen_errors():
         loaded = weights.Manifest.load(manifest)
         table = Table(title=f"weights in {weights_dir or paths.weights_dir()}")
@@ -92,13 +85,28 @@ def fetch_weights(
         bool, typer.Option("--progress/--no-progress", help="Show download and hashing progress bars.")
     ] = True,
 ) -> None:
-    """Download components from the Hugging Face hub and check every file's sha256."""
+    """Download components from the Hugging Face hub and check every file's sha256.
+
+    \b
+    Examples:
+      refgen weights fetch sdxl-base
+      refgen weights fetch controlnet-canny-sdxl realesrgan-x4plus
+      refgen weights fetch sdxl-base --weights-dir /data/refgen-weights --no-progress
+    """
     with _refgen_errors():
         loaded = weights.Manifest.load(manifest)
         entries = [loaded.get(name) for name in names]  # every name checked before any download
-        for entry in entries:
-            weights.fetch(entry, weights_dir, progress=progress)
+        for number, entry in enumerate(entries):
+            try:
+                weights.fetch(entry, weights_dir, progress=progress)
+            except WeightsDownloadError as exc:
+                _fail(exc.describe(also_missing=_not_attempted(entries[number + 1 :], weights_dir)))
     Console().print(f"[green]fetched:[/green] {escape(', '.join(names))}")
+
+
+def _not_attempted(entries: list[weights.ManifestEntry], weights_dir: Path | None) -> list[str]:
+    """The other components asked for that are not on disk either (the fetch stopped before them)."""
+    return [weights.still_missing(entry, weights_dir) for entry in entries if weights.missing_files(entry, weights_dir)]
 
 
 @weights_app.command("convert")
@@ -108,7 +116,13 @@ def convert_weights(
     manifest: ManifestOption = None,
 ) -> None:
     """Convert a component's published .bin pickles to .safetensors once (hash-checked first), so the
-    engine loads them without --allow-pickle."""
+    engine loads them without --allow-pickle.
+
+    \b
+    Examples:
+      refgen weights convert instantid
+      refgen weights convert ip-adapter-faceid-plusv2-sdxl --weights-dir /data/refgen-weights
+    """
     with _refgen_errors():
         written = weights.convert_pickles(weights.Manifest.load(manifest).get(name), weights_dir, progress=True)
     if not written:
@@ -124,7 +138,13 @@ def verify_weights(
     manifest: ManifestOption = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show hashing progress bars.")] = False,
 ) -> None:
-    """Re-hash the files on disk; exit 1 when any is missing or does not match."""
+    """Re-hash the files on disk; exit 1 when any is missing or does not match.
+
+    \b
+    Examples:
+      refgen weights verify
+      refgen weights verify sdxl-base --progress
+    """
     with _refgen_errors():
         loaded = weights.Manifest.load(manifest)
         entries = [loaded.get(name)] if name else list(loaded.entries)

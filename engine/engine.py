@@ -20,9 +20,10 @@ from adapters.ip_adapter import IPAdapters, Reference
 from adapters.preprocess import Preprocessors, is_preprocessed
 from adapters.upscale import Upscaler
 
+from . import paths, tiny
 from . import vae as vae_ops
 from .conditioning import Conditioning, encode_text, is_guided
-from .errors import ProvenanceError
+from .errors import DeviceError, ProvenanceError
 from .hashing import sha256_file
 from .images import load_rgb
 from .loading import ModelInfo, fp16_safe_vae, load_pipeline
@@ -43,17 +44,37 @@ _DTYPES = {
 
 
 def pick_device(device: Optional[str], dtype: Union[str, torch.dtype, None]) -> tuple[torch.device, torch.dtype]:
-    """Default: CUDA in fp16 when there is a GPU, else CPU in fp32."""
-    chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Default: CUDA in fp16 when there is a GPU, else CPU in fp32.
+
+    Raises DeviceError (a ValueError) for a device this machine does not have or a dtype it cannot run,
+    before any weights are read.
+    """
+    chosen = _usable_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         return chosen, torch.float16 if chosen.type == "cuda" else torch.float32
     if isinstance(dtype, str):
         if dtype.lower() not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of fp16, bf16, fp32")
+            raise DeviceError(f"unknown dtype {dtype!r}; use one of fp16, bf16, fp32")
         dtype = _DTYPES[dtype.lower()]
     if chosen.type == "cpu" and dtype == torch.float16:
-        raise ValueError("fp16 needs a GPU; on CPU use fp32 (default) or bf16")
+        raise DeviceError("fp16 needs a GPU; on CPU use fp32 (default) or bf16")
     return chosen, dtype
+
+
+def _usable_device(name: str) -> torch.device:
+    try:
+        chosen = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if chosen.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device type {chosen.type!r} is not supported; use cpu, cuda or cuda:N")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {name!r} asked for, but torch sees no CUDA GPU on this machine; use cpu")
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise DeviceError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("device 'mps' asked for, but this machine has no Apple GPU")
+    return chosen
 
 
 @dataclass
@@ -109,17 +130,24 @@ class Engine:
     """One loaded SDXL model. Not thread-safe: use one Engine per worker."""
 
     def __init__(self, pipe, model: ModelInfo, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False,
-                 ip_adapter: str = "vit-h"):
+                 ip_adapter: str = "vit-h", *, controlnets: Optional[ControlNetLibrary] = None, manifest=None,
+                 weights_dir: Optional[Path] = None):
+        """`manifest` / `weights_dir`: where adapters look up the components they name (ControlNets, upscalers,
+        IP-Adapters, face packs, preprocessors); default weights/manifest.toml and the weights folder."""
         self.pipe = pipe
         self.model = model
         self.device = device
         self.dtype = dtype
-        self.controlnets = ControlNetLibrary(device, dtype)
-        self.preprocessors = Preprocessors(device=device, allow_pickle=allow_pickle)  # photo -> control image, cached
+        self._manifest, self._weights_dir = manifest, weights_dir
+        self.controlnets = controlnets or ControlNetLibrary(device, dtype, manifest=manifest, weights_dir=weights_dir)
+        self.preprocessors = Preprocessors(weights_dir, device=device, manifest=manifest,
+                                           allow_pickle=allow_pickle)  # photo -> control image, cached
         self.inpaint_unet = None  # a 9-channel SDXL inpainting UNet, see load_inpaint_unet
         self._upscalers: dict = {}  # ESRGAN models by reference, for upscale= and ultra mode
-        self.ip_adapters = IPAdapters(pipe, device, dtype, variant=ip_adapter, allow_pickle=allow_pickle)
-        self.identity = IdentityAdapters(self.ip_adapters, device, dtype)  # Character Reference
+        self.ip_adapters = IPAdapters(pipe, device, dtype, variant=ip_adapter, allow_pickle=allow_pickle,
+                                      manifest=manifest, weights_dir=weights_dir)
+        self.identity = IdentityAdapters(self.ip_adapters, device, dtype, manifest=manifest,
+                                         weights_dir=weights_dir)  # Character Reference
         self._loras = LoraSet(pipe, allow_pickle)
         if model.notice:
             log.warning(model.notice)
@@ -138,6 +166,7 @@ class Engine:
         vae_tiling: bool = False,
         single_file_config: Optional[Path] = None,
         ip_adapter: str = "vit-h",
+        controlnets: Optional[dict[str, Union[str, Path]]] = None,
     ) -> "Engine":
         """Load a model by manifest name, folder, cached repo id, single file or `tiny`.
 
@@ -145,10 +174,17 @@ class Engine:
         offload: keep weights on the CPU and move each model to the GPU only while it runs (small GPUs).
         vae_tiling: VAE in tiles and one image at a time (large images or batches on small GPUs).
         ip_adapter: the IP-Adapter for Style/Content Reference: "vit-h" or "plus" (stronger likeness).
+        controlnets: your own ControlNets by control type, {"canny": "path/to/folder"} (diffusers folders,
+        single-type or ControlNet-Union); checked before the model loads (ControlNetFolderError).
+
+        With `tiny`, every other component (ControlNets, upscalers, IP-Adapters, face packs, preprocessors)
+        is a tiny random stand-in too, built on first use in the cache folder: nothing is ever downloaded.
         """
         device, dtype = pick_device(device, dtype)
+        sources = _component_sources(str(model))
+        library = ControlNetLibrary(device, dtype, dict(controlnets or {}), **sources)
         pipe, info = load_pipeline(str(model), dtype, allow_pickle, single_file_config)
-        safe_vae, vae_name = fp16_safe_vae(dtype)
+        safe_vae, vae_name = fp16_safe_vae(dtype) if info.kind != "tiny" else (None, None)
         if safe_vae is not None:
             pipe.vae = safe_vae
             info = replace(info, vae=vae_name)
@@ -163,7 +199,7 @@ class Engine:
         if compile:
             pipe.unet.compile(mode="max-autotune-no-cudagraphs")
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, info, device, dtype, allow_pickle, ip_adapter)
+        return cls(pipe, info, device, dtype, allow_pickle, ip_adapter, controlnets=library, **sources)
 
     def load_inpaint_unet(self, reference: Union[str, Path]) -> None:
         """Use an SDXL inpainting UNet (9 input channels) for masked requests: a manifest name
@@ -174,7 +210,7 @@ class Engine:
 
         folder = Path(reference).expanduser()
         if not folder.is_dir():
-            folder = weights.require(str(reference))
+            folder = weights.require(str(reference), self._weights_dir, self._manifest)
         subfolder = "unet" if (folder / "unet").is_dir() else None
         variant = "fp16" if any((folder / (subfolder or "")).glob("*.fp16.safetensors")) else None
         unet = UNet2DConditionModel.from_pretrained(
@@ -428,7 +464,8 @@ class Engine:
     def _upscaler(self, reference: str):
         """An ESRGAN upscaler, loaded once per engine (its weights are small)."""
         if reference not in self._upscalers:
-            self._upscalers[reference] = Upscaler.load(reference, device=self.device)
+            self._upscalers[reference] = Upscaler.load(reference, device=self.device, manifest=self._manifest,
+                                                       weights_dir=self._weights_dir)
         return self._upscalers[reference]
 
     def _upscale(self, resolved: ResolvedRequest, pixels: np.ndarray) -> np.ndarray:
@@ -461,6 +498,14 @@ class Engine:
     def _device_record(self) -> dict:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return {"type": self.device.type, "name": name, "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+def _component_sources(model: str) -> dict:
+    """Where a model's other components come from: the tiny model's stand-ins for `tiny` (built offline on
+    first use, beside it in the cache), else the weights manifest and folder (keyword arguments of Engine)."""
+    if model != "tiny":
+        return {"manifest": None, "weights_dir": None}
+    return {"manifest": tiny.components_manifest(), "weights_dir": tiny.components_dir(paths.cache_dir())}
 
 
 def _with_anchor(anchor: str, prompt: str) -> str:

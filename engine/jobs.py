@@ -3,7 +3,7 @@ them on one loaded Engine and records the images (or the error).
 
     store = AssetStore()
     worker = Worker(store, EngineRunner(store))
-    worker.start()            # releases jobs a previous process left half-done, then serves the queue
+    worker.start()            # releases jobs a previous process left half-done, sweeps its files, serves the queue
     store.create_generation(body); worker.notify()   # the server after each POST: no polling delay
     worker.stop()             # after the current job
 
@@ -149,6 +149,7 @@ class Worker:
         if self.running:
             return
         self.store.release_interrupted()  # claims left by a process that died: run them again
+        self.store.sweep_orphans()  # and the files it wrote but never committed (or never finished writing)
         self._stopping.clear()
         self._thread = threading.Thread(target=self._loop, name="refgen-worker", daemon=True)
         self._thread.start()

@@ -1,8 +1,10 @@
-"""Leonardo.ai's generation JSON (body of `POST /api/rest/v1/generations`) -> refgen's GenerationRequest.
+"""Leonardo.ai's generation JSON (body of `POST /api/rest/v1/generations`) -> refgen's GenerationRequest,
+and refgen's values -> Leonardo's vocabulary for the API's answers.
 
     from engine.leonardo import parse_generation, local_model
     request = parse_generation(body, images=asset_store.resolve)   # GenerationRequest
     engine = Engine.load(local_model(body))                        # the model modelId stands for
+    leonardo_scheduler("dpmpp_2m_karras")                          # "LEONARDO": what answers report
 
 Images travel as ids; `images(image_id, kind)` (kind "UPLOADED" or "GENERATED") returns a path or
 a PIL image, and returns None or raises LookupError for an id it does not know. Every problem is a
@@ -13,7 +15,8 @@ Field by field:
 | Leonardo                                   | refgen                                                       |
 |--------------------------------------------|--------------------------------------------------------------|
 | prompt, negative_prompt, seed              | same names                                                   |
-| guidance_scale, scheduler                  | same names (Leonardo's scheduler names are refgen aliases)   |
+| guidance_scale, scheduler                  | same names (Leonardo's scheduler names are refgen aliases;   |
+|                                            | answers name the scheduler in Leonardo's enum, see below)    |
 | num_inference_steps                        | steps                                                        |
 | width, height                              | same; both or neither; a side that is not a multiple of 8 is |
 |                                            | floored to one with a warning (Leonardo's own Image Guidance |
@@ -21,7 +24,10 @@ Field by field:
 | num_images                                 | 1-8, at most 4 when a side exceeds 768 (Leonardo's rule;     |
 |                                            | without a size refgen picks 1024 px, so 4 then too)          |
 | modelId                                    | not in GenerationRequest (an Engine is one model): see       |
-|                                            | `local_model`; checked here so a bad id fails early          |
+|                                            | `ModelTable`. Leonardo's SDXL platform ids (the SDKs' default|
+|                                            | is Lightning XL) run on the server's model (`refgen serve    |
+|                                            | --model`, else the table's default); an id the table does not|
+|                                            | know is refused here, before any work, naming modelId        |
 | presetStyle                                | preset: every Leonardo style has a built-in preset, by name  |
 |                                            | or by presets' aliases (LEONARDO->dynamic, BOKEH->           |
 |                                            | cinematic_closeup, ...); other names are refused             |
@@ -58,6 +64,8 @@ same kind):
 | - / 5 / -                 | Line Art              | ControlUnit lineart                                     |
 | - / 8, 9 / -              | Pattern, QR Code      | refused: refgen has no model for them                   |
 
+preprocessorId is a number in Leonardo's schema (the Python SDK sends 19.0): any whole number is accepted.
+
 Strength: `weight` (0-2, a number or a numeric string: Leonardo's Edge sample sends "0.5") or
 `strengthType`, never both. References and Character Reference keep strengthType as such (their
 adapters own the bucket tables); a ControlUnit has only a weight, so strengthType becomes the middle
@@ -72,8 +80,31 @@ silently. Otherwise:
   imagePromptWeight, unzoomAmount, and controlNetType/weighting without controlNet.
 - refused (the output would differ in a way refgen cannot produce): tiling (true), transparency (other
   than "disabled"), unzoom (true), fantasyAvatar (true), canvasRequest (true), canvasRequestType,
-  canvasInitId, canvasMaskId, imagePrompts, elements, userElements (non-empty), styleUUID.
+  canvasInitId, canvasMaskId, imagePrompts, elements, userElements (non-empty), styleUUID, upscaleRatio
+  (other than 1).
 A key Leonardo does not define is refused by name.
+
+Answers (engine/server.py) speak Leonardo's enums, which both official SDKs validate. Schedulers, refgen ->
+Leonardo (`LEONARDO_SCHEDULERS`); the exact refgen name stays in the answer's "refgen" part:
+
+| refgen              | Leonardo                 | why                                                          |
+|---------------------|--------------------------|--------------------------------------------------------------|
+| euler               | EULER_DISCRETE           | the same sampler (each of these five is its Leonardo name's  |
+| euler_a             | EULER_ANCESTRAL_DISCRETE | alias, so an answer sent back as a request runs the same     |
+| lms                 | KLMS                     | sampler)                                                     |
+| ddim                | DDIM                     |                                                              |
+| pndm                | PNDM                     |                                                              |
+| dpm_solver          | DPM_SOLVER               | the same sampler (DPM-Solver++ 2M)                           |
+| dpmpp_2m_karras     | LEONARDO                 | refgen runs LEONARDO (unpublished) as DPM++ 2M Karras, its   |
+|                     |                          | default, so the answer replays                               |
+| dpmpp_2m_sde_karras | DPM_SOLVER               | no Leonardo equivalent: the same multistep DPM-Solver++      |
+|                     |                          | family, stochastic variant                                   |
+| unipc               | DPM_SOLVER               | no Leonardo equivalent: UniPC is a multistep solver built on |
+|                     |                          | DPM-Solver++                                                 |
+| heun                | EULER_DISCRETE           | no Leonardo equivalent: Heun is Euler's step plus a second-  |
+|                     |                          | order correction on the same sigmas                          |
+
+presetStyle is answered in Leonardo's upper case (requests may use any case).
 """
 
 from __future__ import annotations
@@ -95,6 +126,7 @@ from . import paths
 from .errors import RefgenError
 from .presets import normalise_name
 from .request import GenerationRequest
+from .schedulers import canonical_name
 
 try:
     import tomllib
@@ -135,24 +167,27 @@ DEFAULT_LOCAL_MODEL = "sdxl-base"
 MODEL_TABLE_FILE = "leonardo_models.toml"  # in paths.data_dir(); extends/overrides the built-in table
 
 # Leonardo's published SDXL platform models (ids from seed 003's samples; names from Leonardo's model
-# table, docs.leonardo.ai/docs/legacy-generation). All run on the local SDXL base until a user maps
-# them to closer local checkpoints. Non-SDXL models (Phoenix, Flux, Lucid, SD1.5) are absent on purpose.
-BUILTIN_MODELS: dict[str, str] = {
-    "aa77f04e-3eec-4034-9c07-d0f619684628": DEFAULT_LOCAL_MODEL,  # Leonardo Kino XL (seed 003)
-    "b24e16ff-06e3-43eb-8d33-4416c2d75876": DEFAULT_LOCAL_MODEL,  # Leonardo Lightning XL (seed 003)
-    "1e60896f-3c26-4296-8ecc-53e2afecc132": DEFAULT_LOCAL_MODEL,  # Leonardo Diffusion XL (seed 003)
-    "5c232a9e-9061-4777-980a-ddc8e65647c6": DEFAULT_LOCAL_MODEL,  # Leonardo Vision XL
-    "e71a1c2f-4f80-4800-934f-2c68979d8cc8": DEFAULT_LOCAL_MODEL,  # Leonardo Anime XL
-    "2067ae52-33fd-4a82-bb92-c2c55e7d2786": DEFAULT_LOCAL_MODEL,  # AlbedoBase XL
-    "16e7060a-803e-4df3-97ee-edcfa5dc9cc8": DEFAULT_LOCAL_MODEL,  # SDXL 1.0
-    "b63f7119-31dc-4540-969b-2a9df997e173": DEFAULT_LOCAL_MODEL,  # SDXL 0.9
+# table, docs.leonardo.ai/docs/legacy-generation). None: the id runs on the table's default model, the
+# one `refgen serve --model` names (sdxl-base otherwise), until a user maps it to a closer local
+# checkpoint. Leonardo's SDKs send Lightning XL when the caller gives no modelId, so that must run on
+# whatever model the server was started with. Non-SDXL models (Phoenix, Flux, Lucid, SD1.5) are absent
+# on purpose: refusing them beats silently drawing with another architecture.
+BUILTIN_MODELS: dict[str, Optional[str]] = {
+    "aa77f04e-3eec-4034-9c07-d0f619684628": None,  # Leonardo Kino XL (seed 003)
+    "b24e16ff-06e3-43eb-8d33-4416c2d75876": None,  # Leonardo Lightning XL (seed 003; the SDKs' default)
+    "1e60896f-3c26-4296-8ecc-53e2afecc132": None,  # Leonardo Diffusion XL (seed 003)
+    "5c232a9e-9061-4777-980a-ddc8e65647c6": None,  # Leonardo Vision XL
+    "e71a1c2f-4f80-4800-934f-2c68979d8cc8": None,  # Leonardo Anime XL
+    "2067ae52-33fd-4a82-bb92-c2c55e7d2786": None,  # AlbedoBase XL
+    "16e7060a-803e-4df3-97ee-edcfa5dc9cc8": None,  # SDXL 1.0
+    "b63f7119-31dc-4540-969b-2a9df997e173": None,  # SDXL 0.9
 }
 
 
 @dataclass(frozen=True)
 class ModelTable:
-    """Leonardo modelId -> local model reference (manifest name, folder or file), and the model for
-    requests without a modelId.
+    """Leonardo modelId -> local model reference (manifest name, folder or file; None: `default`), and
+    `default`, the model for requests without a modelId and for Leonardo's platform ids.
 
     User file (`<REFGEN_HOME>/leonardo_models.toml`), merged over the built-in table:
 
@@ -161,7 +196,7 @@ class ModelTable:
         "aa77f04e-3eec-4034-9c07-d0f619684628" = "/models/my-cinematic-xl.safetensors"
     """
 
-    models: Mapping[str, str] = field(default_factory=lambda: dict(BUILTIN_MODELS))
+    models: Mapping[str, Optional[str]] = field(default_factory=lambda: dict(BUILTIN_MODELS))
     default: str = DEFAULT_LOCAL_MODEL
     source: str = "built-in table"  # named in errors, so users know which file to extend
 
@@ -179,10 +214,16 @@ class ModelTable:
         if model_id is None:
             return self.default
         if not isinstance(model_id, str) or model_id not in self.models:
-            raise LeonardoRequestError(
-                "modelId", f"unknown model id {model_id!r}; known ids ({self.source}): {', '.join(sorted(self.models))}. "
-                f"Map other ids to local models in {paths.data_dir() / MODEL_TABLE_FILE}")
-        return self.models[model_id]
+            raise LeonardoRequestError("modelId", self._unknown(model_id))
+        return self.models[model_id] or self.default
+
+    def _unknown(self, model_id: Any) -> str:
+        on_default = sorted(key for key, local in self.models.items() if local is None)
+        mapped = sorted(f"{key} -> {local}" for key, local in self.models.items() if local is not None)
+        known = [f"{', '.join(on_default)} (run on this server's model, {self.default})"] if on_default else []
+        return (f"unknown model id {model_id!r}: refgen does not guess which local model it stands for. Known ids "
+                f"({self.source}): {'; '.join(known + mapped) or 'none'}. Leave modelId out to use {self.default}, "
+                f"or map the id to a local model in {paths.data_dir() / MODEL_TABLE_FILE}")
 
 
 def _read_table(path: Path) -> tuple[dict[str, str], Optional[str]]:
@@ -220,6 +261,27 @@ PHOTOREAL_PRESET = "photoreal"
 PHOTOREAL_VERSIONS = ("v1", "v2")
 
 LEGACY_CONTROL_TYPES = {"CANNY": "canny", "POSE": "pose", "DEPTH": "depth"}
+
+# refgen scheduler -> Leonardo's scheduler enum, for answers (the table and its reasons: module docstring).
+LEONARDO_SCHEDULERS: dict[str, str] = {
+    "euler": "EULER_DISCRETE", "euler_a": "EULER_ANCESTRAL_DISCRETE", "lms": "KLMS", "ddim": "DDIM", "pndm": "PNDM",
+    "dpm_solver": "DPM_SOLVER", "dpmpp_2m_karras": "LEONARDO", "dpmpp_2m_sde_karras": "DPM_SOLVER",
+    "unipc": "DPM_SOLVER", "heun": "EULER_DISCRETE",
+}
+
+
+def leonardo_scheduler(name: Any) -> Optional[str]:
+    """Leonardo's name for a refgen scheduler name or alias; None for a name refgen does not know."""
+    try:
+        return LEONARDO_SCHEDULERS.get(canonical_name(name)) if isinstance(name, str) else None
+    except ValueError:
+        return None
+
+
+def leonardo_style(style: Any) -> Optional[str]:
+    """presetStyle as Leonardo's enum spells it (requests may use any case); None if it is not one."""
+    key = style.strip().upper() if isinstance(style, str) else None
+    return key if key in PRESET_STYLES else None
 
 
 @dataclass(frozen=True)
@@ -283,6 +345,7 @@ REFUSED = {  # field -> (neutral value, why refgen cannot honour anything else)
     "elements": ([], "Elements are Leonardo-hosted LoRAs; give refgen LoRA files instead"),
     "userElements": ([], "user Elements are Leonardo-hosted LoRAs; give refgen LoRA files instead"),
     "styleUUID": (None, "style UUIDs name Leonardo-hosted styles; use presetStyle"),
+    "upscaleRatio": (1, "upscaling inside the generation is not mapped; use POST /variations/upscale afterwards"),
 }
 
 # GenerationRequest field -> the Leonardo field its value came from, for converted ValidationErrors.
@@ -601,8 +664,10 @@ def _entry(entry: Any, images: ImageResolver, path: str):
 
 def _preprocessor(value: Any, path: str) -> Preprocessor:
     supported = ", ".join(f"{key} ({p.name}, {p.base})" for key, p in sorted(PREPROCESSORS.items()))
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a number in Leonardo's schema: the Python SDK sends 19.0
     if isinstance(value, bool) or not isinstance(value, int):
-        raise LeonardoRequestError(path, f"must be an integer id, got {value!r}; supported: {supported}")
+        raise LeonardoRequestError(path, f"must be a whole-number id, got {value!r}; supported: {supported}")
     if value in UNSERVED_PREPROCESSORS:
         raise LeonardoRequestError(path, f"{value} ({UNSERVED_PREPROCESSORS[value]}) has no refgen model; supported: {supported}")
     if value not in PREPROCESSORS:

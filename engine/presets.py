@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Literal, Optional
@@ -11,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from . import paths
 from .errors import PresetError
+from .images import write_atomic
 
 try:
     import tomllib
@@ -140,10 +140,7 @@ def save_user_preset(preset: Preset, folder: Optional[Path] = None) -> Path:
     lines = [f"[{preset.name}]"]
     for key, value in preset.model_dump(exclude={"name"}, exclude_none=True).items():
         lines.append(f"{key} = {_toml_value(value)}")
-    staging = target.with_suffix(".toml.partial")
-    staging.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(staging, target)
-    return target
+    return write_atomic(target, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def _toml_value(value) -> str:

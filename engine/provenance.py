@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import platform
+import warnings
 from datetime import datetime, timezone
 from importlib import metadata as package_metadata
 from pathlib import Path
@@ -105,9 +106,14 @@ def save_png(image: Image.Image, meta: dict, path: Path) -> Path:
 
 
 def read_metadata(path: Path) -> dict:
+    """The `refgen` record of a PNG. Raises ProvenanceError for anything else, a decompression bomb included."""
     try:
-        with Image.open(path) as image:
-            text = image.text.get("refgen") if hasattr(image, "text") else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # `.text` would decode every pixel
+            with Image.open(path) as image:
+                text = image.text.get("refgen") if hasattr(image, "text") else None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ProvenanceError(f"cannot read {path}: too large to open safely ({exc})") from None
     except (OSError, SyntaxError) as exc:
         raise ProvenanceError(f"cannot read {path}: {exc}") from exc
     if not text:

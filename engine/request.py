@@ -17,7 +17,7 @@ from adapters.ip_adapter import Reference
 from . import presets as preset_lib
 from . import schedulers
 from .presets import MODES, Mode, ModeSettings
-from .sizes import parse_ratio, size_for_ratio
+from .sizes import parse_ratio, size_for_ratio, size_for_shape
 
 MAX_SEED = 2**53 - 1  # survives JSON round trips in every language
 MAX_SIDE = 4096
@@ -233,5 +233,5 @@ def _resolve_size(request, preset, native_size, init_size) -> tuple[int, int]:
         return max(64, init_size[0] // 8 * 8), max(64, init_size[1] // 8 * 8)
     ratio = request.aspect_ratio or preset.aspect_ratio
     if ratio is None and init_size is not None:
-        ratio = f"{init_size[0]}:{init_size[1]}"
+        return size_for_shape(*init_size, native_size)  # img2img keeps the init image's shape, as near as SDXL can
     return size_for_ratio(ratio or "1:1", native_size)

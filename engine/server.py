@@ -2,13 +2,14 @@
 
     app = create_app(AssetStore(), worker, api_key="...")     # a FastAPI app; OpenAPI UI at /docs
     serve(host="127.0.0.1", port=8377)                        # what `refgen serve` runs
+    app, worker = service(AssetStore(), model="tiny")         # the same, not started (tests run it in uvicorn)
 
 Every path is under /api/rest/v1, so a Leonardo client works after changing its base URL:
 
 | method + path                       | Leonardo answer key                   | notes                                   |
 |-------------------------------------|---------------------------------------|-----------------------------------------|
 | POST   /generations                 | sdGenerationJob {generationId}        | validated before queueing; 429 if full  |
-| GET    /generations/{id}            | generations_by_pk                     | refgen facts under "refgen"             |
+| GET    /generations/{id}            | generations_by_pk                     | refgen facts under "refgen"; "error"    |
 | GET    /generations/user/{userId}   | generations (offset, limit)           | newest first; upscales are variations   |
 | DELETE /generations/{id}            | delete_generations_by_pk {id}         |                                         |
 | POST   /init-image                  | uploadInitImage {id, url, fields, key}| then POST multipart fields + file to url|
@@ -16,9 +17,17 @@ Every path is under /api/rest/v1, so a Leonardo client works after changing its 
 | GET    /init-image/{id}             | init_images_by_pk                     |                                         |
 | DELETE /init-image/{id}             | delete_init_images_by_pk {id}         |                                         |
 | POST   /variations/upscale          | sdUpscaleJob {id}                     | body {"id": generated image id}         |
-| GET    /variations/{id}             | generated_image_variation_generic     | transformType UPSCALE                   |
+| GET    /variations/{id}             | generated_image_variation_generic     | transformType UPSCALE; "error"          |
 | GET    /me                          | user_details                          | a single local user                     |
 | GET    /files/{uuid}.{ext}          | the image bytes                       | the URLs the answers above hand out     |
+
+Answers are checked against the official SDKs' models (leonardo-ai-sdk, @leonardo-ai/sdk;
+tests/test_leonardo_sdk.py): enum fields carry Leonardo's values (scheduler, presetStyle: see
+engine/leonardo.py), and a Leonardo key without a value is left out rather than sent as null (the SDKs
+allow every key to be absent, but null only in some). refgen-only facts sit under "refgen", which the
+SDKs ignore. A FAILED job's reason is also the answer's top-level "error", next to the record:
+Leonardo's schemas have no field for it, and "error" is where Leonardo's (and refgen's) error answers
+put the message.
 
 Errors: {"error": message, "field": Leonardo path or null}. A body refgen cannot run (including an
 image id in the body that the store does not know) is 422 naming the field; an id in the URL that
@@ -37,9 +46,10 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Optional
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
@@ -53,7 +63,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from .errors import InvalidImageError, RefgenError
-from .leonardo import LeonardoRequestError, ModelTable, parse_generation
+from .leonardo import LeonardoRequestError, ModelTable, leonardo_scheduler, leonardo_style, parse_generation
 from .store import (DEFAULT_USER, IMAGE_EXTENSIONS, AssetStore, Generation, GeneratedImage, QueueFullError, StoreError,
                     UnknownAssetError)
 
@@ -144,9 +154,9 @@ def _api_router(ctx: _Context) -> APIRouter:
     @router.get("/me", tags=["user"])
     def me() -> dict:
         return {"user_details": [{
-            "user": {"id": DEFAULT_USER, "username": "local"}, "tokenRenewalDate": None, "paidTokens": 0,
+            "user": {"id": DEFAULT_USER, "username": "local"}, "paidTokens": 0,
             "subscriptionTokens": 0, "subscriptionGptTokens": 0, "subscriptionModelTokens": 0, "apiConcurrencySlots": 1,
-            "apiPaidTokens": 0, "apiSubscriptionTokens": 0, "apiPlanTokenRenewalDate": None,
+            "apiPaidTokens": 0, "apiSubscriptionTokens": 0,
             "refgen": {"pendingJobs": ctx.store.pending_count(), "maxQueue": ctx.max_queue},
         }]}
 
@@ -163,7 +173,8 @@ def _generation_routes(router: APIRouter, ctx: _Context) -> None:
 
     @router.get("/generations/{generation_id}", tags=["generations"])
     def get_generation(generation_id: str, request: Request) -> dict:
-        return {"generations_by_pk": _generation_json(_job(ctx.store, generation_id, "generation"), request)}
+        generation = _job(ctx.store, generation_id, "generation")
+        return _with_error({"generations_by_pk": _generation_json(generation, request)}, generation)
 
     @router.get("/generations/user/{user_id}", tags=["generations"])
     def user_generations(user_id: str, request: Request, offset: int = Query(0, ge=0),
@@ -215,9 +226,9 @@ def _init_image_routes(router: APIRouter, ctx: _Context) -> None:
     @router.get("/init-image/{image_id}", tags=["init images"])
     def get_init_image(image_id: str, request: Request) -> dict:
         upload = ctx.store.upload(_uuid(image_id))
-        url = _file_url(request, upload.id, upload.extension) if upload.uploaded else None
-        return {"init_images_by_pk": {"id": upload.id, "createdAt": upload.created_at, "url": url,
-                                      "refgen": {"uploaded": upload.uploaded, "width": upload.width, "height": upload.height}}}
+        url = _file_url(request, upload.id, upload.extension) if upload.uploaded else None  # no file yet: no url
+        return {"init_images_by_pk": _leonardo(id=upload.id, createdAt=upload.created_at, url=url, refgen={
+            "uploaded": upload.uploaded, "width": upload.width, "height": upload.height})}
 
     @router.delete("/init-image/{image_id}", tags=["init images"])
     def delete_init_image(image_id: str) -> dict:
@@ -239,7 +250,8 @@ def _variation_routes(router: APIRouter, ctx: _Context) -> None:
 
     @router.get("/variations/{variation_id}", tags=["variations"])
     def get_variation(variation_id: str, request: Request) -> dict:
-        return {"generated_image_variation_generic": [_variation_json(_job(ctx.store, variation_id, "upscale"), request)]}
+        job = _job(ctx.store, variation_id, "upscale")
+        return _with_error({"generated_image_variation_generic": [_variation_json(job, request)]}, job)
 
 
 # ---------------------------------------------------------------------------------- public routes
@@ -323,26 +335,39 @@ async def _file_bytes(part: Any, max_bytes: int) -> bytes:
 
 # ------------------------------------------------------------------------------------ JSON shapes
 
+def _leonardo(**fields: Any) -> dict:
+    """One Leonardo object: keys without a value are left out (the SDKs allow absent keys, null only in some)."""
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def _with_error(answer: dict, job: Generation) -> dict:
+    """A FAILED job's reason at the top level: Leonardo's record has no field for it (see the module docstring)."""
+    return {**answer, "error": job.error} if job.status == "FAILED" and job.error else answer
+
+
 def _generation_json(generation: Generation, request: Request) -> dict:
     body, first = generation.body, (generation.images[0] if generation.images else None)
     width, height = _image_size(first, body)
     resolved = first.metadata.get("resolved") if first is not None else None
     resolved = resolved if isinstance(resolved, dict) else {}  # what actually ran (preset and mode defaults filled in)
-    return {
-        "id": generation.id, "status": generation.status, "createdAt": generation.created_at,
-        "prompt": body.get("prompt"), "negativePrompt": body.get("negative_prompt"),
-        "imageWidth": width, "imageHeight": height, "modelId": body.get("modelId"),
-        "seed": first.seed if first is not None else body.get("seed"),
-        "inferenceSteps": resolved.get("steps", body.get("num_inference_steps")),
-        "guidanceScale": resolved.get("guidance_scale", body.get("guidance_scale")),
-        "scheduler": resolved.get("scheduler", body.get("scheduler")), "presetStyle": body.get("presetStyle"), "initStrength": body.get("init_strength"),
-        "photoReal": bool(body.get("photoReal")), "public": False, "generation_elements": [],
-        "generated_images": [_image_json(image, request) for image in generation.images],
-        "refgen": {
+    return _leonardo(
+        id=generation.id, status=generation.status, createdAt=generation.created_at,
+        prompt=_text(body.get("prompt")), negativePrompt=_text(body.get("negative_prompt")),
+        imageWidth=_whole(width), imageHeight=_whole(height), modelId=_text(body.get("modelId")),
+        seed=_whole(first.seed if first is not None else body.get("seed")),
+        inferenceSteps=_whole(resolved.get("steps", body.get("num_inference_steps"))),
+        guidanceScale=_real(resolved.get("guidance_scale", body.get("guidance_scale"))),
+        scheduler=leonardo_scheduler(resolved.get("scheduler", body.get("scheduler"))),
+        presetStyle=leonardo_style(body.get("presetStyle")),
+        initStrength=_real(resolved.get("init_strength", body.get("init_strength"))),
+        photoReal=bool(body.get("photoReal")), public=False, generation_elements=[],
+        generated_images=[_image_json(image, request) for image in generation.images],
+        refgen={
             "error": generation.error, "startedAt": generation.started_at, "finishedAt": generation.finished_at,
+            "scheduler": resolved.get("scheduler"),  # the exact sampler that ran: Leonardo's enum is coarser
             "images": [{"id": image.id, "seed": image.seed, "identityScore": image.identity_score} for image in generation.images],
         },
-    }
+    )
 
 
 def _image_size(image: Optional[GeneratedImage], body: dict) -> tuple[Any, Any]:
@@ -354,14 +379,38 @@ def _image_size(image: Optional[GeneratedImage], body: dict) -> tuple[Any, Any]:
 
 def _image_json(image: GeneratedImage, request: Request) -> dict:
     return {"id": image.id, "url": _file_url(request, image.id, "png"), "nsfw": False, "likeCount": 0,
-            "motionMP4URL": None, "generated_image_variation_generics": []}
+            "generated_image_variation_generics": []}
 
 
 def _variation_json(job: Generation, request: Request) -> dict:
     image = job.images[0] if job.images else None
-    return {"id": job.id, "status": job.status, "createdAt": job.created_at, "transformType": "UPSCALE",
-            "url": _file_url(request, image.id, "png") if image is not None else None,
-            "refgen": {"error": job.error, "sourceImageId": job.body.get("id"), "imageId": image.id if image else None}}
+    return _leonardo(id=job.id, status=job.status, createdAt=job.created_at, transformType="UPSCALE",
+                     url=_file_url(request, image.id, "png") if image is not None else None,
+                     refgen={"error": job.error, "sourceImageId": job.body.get("id"), "imageId": image.id if image else None})
+
+
+# A stored body passed parse_generation, which also takes numeric strings ("0.5") and whole floats (64.0);
+# Leonardo's answers carry JSON numbers of the schema's type, and the TypeScript SDK checks that strictly.
+
+def _text(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) else None
+
+
+def _real(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _whole(value: Any) -> Optional[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value  # exact: float() would round seeds above 2**53
+    number = _real(value)
+    return int(number) if number is not None and number.is_integer() else None
 
 
 def _file_url(request: Request, image_id: str, extension: str) -> str:
@@ -447,23 +496,18 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key: Optional[str] = None, model: Optional[str] = None,
-          device: Optional[str] = None, dtype: Optional[str] = None, *, upscaler: str = "realesrgan-x4plus",
+          device: Optional[str] = None, dtype: Optional[str] = None, *, upscaler: Optional[str] = None,
           max_queue: int = 64, store: Optional[AssetStore] = None, log_level: str = "info") -> None:
     """Run the API until interrupted: store + engine runner + worker thread + uvicorn; Ctrl-C stops all."""
-    import dataclasses
-
     import uvicorn
 
-    from .jobs import EngineRunner, Worker
-
     check_bind(host, api_key)
-    store = store or AssetStore()
-    models = ModelTable.load()
-    if model:
-        models = dataclasses.replace(models, default=model)
-    runner = EngineRunner(store, load_engine=_engine_loader(device, dtype), models=models, upscaler=upscaler)
-    worker = Worker(store, runner)
-    app = create_app(store, worker, api_key=api_key, max_queue=max_queue, models=models)
+    if device or dtype:  # refused before listening, not at the first job
+        from .engine import pick_device
+
+        pick_device(device, dtype)
+    app, worker = service(store or AssetStore(), api_key=api_key, model=model, device=device, dtype=dtype,
+                          upscaler=upscaler, max_queue=max_queue)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     worker.start()
     log.info("refgen API on http://%s:%d%s (docs: /docs)", host, port, PREFIX)
@@ -471,6 +515,28 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key: Optional[s
         server.run()
     finally:
         worker.stop(timeout=30)
+
+
+def service(store: AssetStore, *, api_key: Optional[str] = None, model: Optional[str] = None, device: Optional[str] = None,
+            dtype: Optional[str] = None, upscaler: Optional[str] = None, max_queue: int = 64,
+            load_engine: Optional[Callable[[str], Any]] = None) -> tuple[FastAPI, Any]:
+    """What `refgen serve` runs, not yet started: (app, worker) over `store`. `model` is the server's model:
+    requests without a modelId and Leonardo's platform model ids (e.g. the SDKs' default) run on it.
+    `upscaler`: the ESRGAN model of upscale variations; default realesrgan-x4plus, or the tiny model's random
+    Real-ESRGAN when `model` is tiny (an offline server stays offline).
+    `load_engine(name)` replaces Engine.load(name, device, dtype) (tests add models that are not on disk)."""
+    import dataclasses
+
+    from .jobs import DEFAULT_UPSCALER, EngineRunner, Worker
+
+    upscaler = upscaler or ("tiny" if model == "tiny" else DEFAULT_UPSCALER)
+
+    models = ModelTable.load()
+    if model:
+        models = dataclasses.replace(models, default=model)
+    runner = EngineRunner(store, load_engine=load_engine or _engine_loader(device, dtype), models=models, upscaler=upscaler)
+    worker = Worker(store, runner)
+    return create_app(store, worker, api_key=api_key, max_queue=max_queue, models=models), worker
 
 
 def _engine_loader(device: Optional[str], dtype: Optional[str]):

@@ -34,7 +34,13 @@ def parse_ratio(text: str) -> float:
 
 def size_for_ratio(text: str, native: int = 1024) -> tuple[int, int]:
     """(width, height) for an aspect ratio on a model whose native square side is `native`."""
-    target = math.log(parse_ratio(text))
+    return size_for_shape(parse_ratio(text), 1.0, native)
+
+
+def size_for_shape(width: float, height: float, native: int = 1024) -> tuple[int, int]:
+    """The bucket nearest to a picture's shape, whatever its shape (a 1x1 or 8:1 init image included:
+    the picture is then fitted to the bucket)."""
+    target = math.log(width / height)
     width, height = min(SDXL_BUCKETS, key=lambda wh: abs(math.log(wh[0] / wh[1]) - target))
     if native == 1024:
         return width, height

@@ -10,10 +10,14 @@ beside it, written atomically. Ids are UUID4 strings; no user-supplied string ev
     job = store.claim_next()                     # the worker's atomic claim (PENDING, not yet claimed)
     store.complete_generation(job.id, outputs)   # images and status COMPLETE in one transaction
     store.fail_generation(job.id, "why")         # status FAILED with its error
+    store.release_interrupted(); store.sweep_orphans()      # at start-up: what a killed process left
 
 Statuses are Leonardo's: PENDING (queued or running), COMPLETE, FAILED. A claimed job that never
 finished (the process died) is released again by `release_interrupted()` at start-up, so no job is
-lost; a job is COMPLETE only once its images are committed, so none is recorded twice.
+lost; a job is COMPLETE only once its images are committed, so none is recorded twice. Files are
+written before the rows that name them and removed after the rows are gone, so a row never names a
+missing file; a kill in between leaves store-named files no row references (and write_atomic's temp
+files), which `sweep_orphans()` removes at start-up.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import secrets
 import sqlite3
 import threading
@@ -33,7 +38,7 @@ from typing import Any, Iterator, Literal, Optional
 
 from . import paths
 from .errors import RefgenError
-from .images import load_rgb, write_atomic
+from .images import STAGING_NAME, load_rgb, write_atomic
 
 Status = Literal["PENDING", "COMPLETE", "FAILED"]
 JobKind = Literal["generation", "upscale"]
@@ -185,6 +190,20 @@ def _is_id(value: Any) -> bool:
         return False
 
 
+def _is_own_name(name: str) -> bool:
+    """`<uuid>.<image extension>`: the only names the store gives its files."""
+    stem, _, extension = name.partition(".")
+    return extension in IMAGE_EXTENSIONS and _is_id(stem)
+
+
+def _is_orphan(name: str, referenced: set[str]) -> bool:
+    """A temp file of a store-named file (never referenced), or a store-named file no row references."""
+    staged = STAGING_NAME.fullmatch(name)
+    if staged:
+        return _is_own_name(staged["target"])
+    return _is_own_name(name) and name not in referenced
+
+
 def _score(value: Any) -> Optional[float]:
     """A finite number, or None ("no face", absent): what the identity_score column holds."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -256,12 +275,34 @@ class AssetStore:
     def _file(self, name: str) -> Path:
         return self.files / name
 
-    def _remove_files(self, names: list[str]) -> None:
+    def _remove_files(self, names: list[str]) -> list[str]:
+        """The names removed (or already gone); a failure is logged, not raised."""
+        removed = []
         for name in names:
             try:
                 self._file(name).unlink(missing_ok=True)
+                removed.append(name)
             except OSError as exc:  # a leftover file is harmless; a failed delete must not undo the rows
                 log.warning("could not remove %s: %s", self._file(name), exc)
+        return removed
+
+    def sweep_orphans(self) -> list[str]:
+        """Remove what a killed process left in the files folder: temp files of atomic writes, and store-named
+        files no row references. Any other name there is not the store's and stays. Returns the names removed.
+
+        Call at start-up, before any worker of this folder runs: a running job's images exist before their rows.
+        """
+        with self._transaction() as db:  # no upload of this process can commit its file meanwhile
+            referenced = {row[0] for row in db.execute(
+                "SELECT path FROM generated_images UNION SELECT id || '.' || extension FROM uploads WHERE uploaded = 1")}
+            with os.scandir(self.files) as entries:
+                orphans = sorted(entry.name for entry in entries
+                                 if entry.is_file(follow_symlinks=False) and _is_orphan(entry.name, referenced))
+            removed = self._remove_files(orphans)
+        if removed:
+            log.warning("removed %d file(s) an interrupted run left in %s: %s", len(removed), self.files,
+                        ", ".join(removed))
+        return removed
 
     # -- uploads
 

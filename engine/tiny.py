@@ -3,6 +3,14 @@
 It exists so that the CLI, the library and the tests run with no download. It makes
 noise, not pictures. The same builder serves the test suite, which saves it to a temp
 folder and loads it back through the loaders used for real weights.
+
+With ``--model tiny`` every other component is a tiny random stand-in too: `components_manifest()`
+lists them under the real manifest names (ControlNets, ControlNet-Union, the inpainting UNet,
+Real-ESRGAN, IP-Adapter and its CLIP image encoder, InstantID, FaceID-Plus-v2, the insightface
+packs, the preprocessors' networks), each with a recipe that writes it in its published file
+layout. `engine.weights.require` runs a recipe on first use, under the tiny model's cache folder,
+and the engine loads the result through the same loaders as fetched weights. The recipes live here
+and in engine/tiny_adapters.py, engine/tiny_faces.py and engine/tiny_annotators.py.
 """
 
 from __future__ import annotations
@@ -10,11 +18,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .sdxl_configs import SDXL_SCHEDULER_CONFIG
+
+if TYPE_CHECKING:
+    from .weights import Manifest
 
 TINY_NOTICE = "the 'tiny' model has random weights: it makes noise, not pictures (smoke runs only)"
 
@@ -175,3 +189,168 @@ def ensure_tiny_model(cache_dir: Path) -> Path:
         folder.parent.mkdir(parents=True, exist_ok=True)
         save_tiny_model(folder)
     return folder
+
+
+# ------------------------------------------------------------------------- stand-in components
+
+COMPONENTS_FOLDER = "tiny-sdxl-components-v1"  # bump when a recipe changes what it writes
+COMPONENTS_NOTICE = "random-weight stand-in of the tiny model (smoke runs only)"
+
+
+def components_dir(cache_dir: Path) -> Path:
+    """Where the tiny model's stand-in components are built, beside the tiny model itself."""
+    return Path(cache_dir) / COMPONENTS_FOLDER
+
+
+def randomise(layers) -> None:
+    """Give zero-initialised layers random weights. ControlNet's zero-convs (and the union model's
+    projections) start at zero, and a ControlNet that changes nothing proves nothing."""
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.normal_(0.0, 0.3)
+            layer.bias.normal_(0.0, 0.05)
+
+
+def build_tiny_controlnet(unet, seed: int):
+    """An SDXL ControlNet copied from `unet` (as ControlNetModel.from_unet does), zero-convs live."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    randomise([*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+               controlnet.controlnet_cond_embedding.conv_out])
+    return controlnet.eval()
+
+
+def save_tiny_controlnet(unet, folder: Path, seed: int) -> Path:
+    """config.json + diffusion_pytorch_model.safetensors, the layout of diffusers' SDXL ControlNets."""
+    build_tiny_controlnet(unet, seed).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_union(unet_config: dict, seed: int):
+    """A tiny ControlNet-Union (xinsir layout: 8 control modes) with live zero-convs and projections."""
+    from diffusers import ControlNetUnionModel
+
+    torch.manual_seed(seed)
+    width = unet_config["block_out_channels"][0]
+    shared = ("in_channels", "block_out_channels", "down_block_types", "layers_per_block", "attention_head_dim",
+              "cross_attention_dim", "norm_num_groups", "transformer_layers_per_block", "addition_time_embed_dim",
+              "projection_class_embeddings_input_dim")
+    union = ControlNetUnionModel(
+        **{key: unet_config[key] for key in shared}, use_linear_projection=True, addition_embed_type="text_time",
+        conditioning_embedding_out_channels=(8, 16, 16, 32), num_control_type=8,
+        num_trans_channel=width, num_trans_head=4, num_proj_channel=width,
+    )
+    randomise([*union.controlnet_down_blocks, union.controlnet_mid_block, union.controlnet_cond_embedding.conv_out,
+               union.spatial_ch_projs])
+    return union.eval()
+
+
+def save_tiny_union_promax(folder: Path, seed: int = 13) -> Path:
+    """xinsir's promax files: config_promax.json + diffusion_pytorch_model_promax.safetensors."""
+    from safetensors.torch import save_file
+
+    union = build_tiny_union(tiny_unet_config(), seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config_promax.json").write_text(union.to_json_string())
+    save_file({k: v.contiguous() for k, v in union.state_dict().items()}, folder / "diffusion_pytorch_model_promax.safetensors")
+    return folder
+
+
+def save_tiny_inpaint_unet(folder: Path, seed: int = 14) -> Path:
+    """unet/ of an SDXL inpainting model: 9 input channels (latents, mask, masked-image latents)."""
+    build_tiny_unet(seed, in_channels=9).save_pretrained(folder / "unet", safe_serialization=True)
+    return folder
+
+
+# Real-ESRGAN / BasicSR RRDBNet (xinntao/Real-ESRGAN, basicsr/archs/rrdbnet_arch.py), the layout of
+# RealESRGAN_x4plus / x2plus: conv_first (nf, 3*u*u) with u = 2 for x2 (pixel-unshuffle), body.{i}.rdb{1,2,3}
+# .conv{1..5} (conv1 nf->gc ... conv5 nf+4gc->nf), conv_body, conv_up1, conv_up2, conv_hr, conv_last (3, nf).
+# Grow channels are 32 in every published checkpoint, and spandrel builds RRDBNet with gc = 32 only.
+ESRGAN_GROW = 32
+
+
+def realesrgan_state_dict(scale: int = 4, nf: int = 8, nb: int = 1, gc: int = ESRGAN_GROW, seed: int = 0) -> dict:
+    """A random RRDBNet state dict, scaled so the network maps an image to something image-like in [0, 1]."""
+    if scale not in (2, 4):
+        raise ValueError("scale must be 2 or 4")
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+
+    def put(name: str, out_ch: int, in_ch: int, gain: float = 1.0) -> None:
+        std = gain / (in_ch * 9) ** 0.5
+        state[f"{name}.weight"] = torch.randn(out_ch, in_ch, 3, 3, generator=generator) * std
+        state[f"{name}.bias"] = torch.randn(out_ch, generator=generator) * 0.01
+
+    put("conv_first", nf, 3 * (4 if scale == 2 else 1))
+    for block in range(nb):
+        for rdb in (1, 2, 3):
+            for conv in range(1, 6):
+                put(f"body.{block}.rdb{rdb}.conv{conv}", nf if conv == 5 else gc, nf + (conv - 1) * gc)
+    for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr"):
+        put(name, nf, nf)
+    put("conv_last", 3, nf, 0.7)
+    state["conv_last.bias"] = state["conv_last.bias"] + 0.5  # centre the output in [0, 1]
+    return state
+
+
+def save_tiny_realesrgan(folder: Path, scale: int) -> Path:
+    """RealESRGAN_x{scale}plus.safetensors with flat keys, as the repackaged safetensors files have them."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"RealESRGAN_x{scale}plus.safetensors"
+    save_file(realesrgan_state_dict(scale, seed=scale), path)
+    return path
+
+
+def _with_unet(save: Callable, **options) -> Callable[[Path], object]:
+    """A recipe that needs the tiny model's UNet (ControlNets and adapters are shaped by it)."""
+    return lambda folder: save(build_tiny_unet(0), folder, **options)
+
+
+def _components() -> list[tuple[str, str, str, tuple[str, ...], Callable[[Path], object]]]:
+    """(manifest name, kind, local_dir, files, recipe) of every stand-in; names and folders as in
+    weights/manifest.toml, files in the layout the engine's loaders read."""
+    from . import tiny_adapters as adapters
+    from . import tiny_annotators as annotators
+    from . import tiny_faces as faces
+
+    controlnet = ("config.json", "diffusion_pytorch_model.safetensors")
+    return [
+        ("controlnet-canny-sdxl", "controlnet", "controlnet-canny-sdxl", controlnet, _with_unet(save_tiny_controlnet, seed=10)),
+        ("controlnet-depth-sdxl", "controlnet", "controlnet-depth-sdxl", controlnet, _with_unet(save_tiny_controlnet, seed=11)),
+        ("controlnet-openpose-sdxl", "controlnet", "controlnet-openpose-sdxl", controlnet, _with_unet(save_tiny_controlnet, seed=12)),
+        ("controlnet-union-sdxl", "controlnet", "controlnet-union-sdxl",
+         ("config_promax.json", "diffusion_pytorch_model_promax.safetensors"), save_tiny_union_promax),
+        ("sdxl-inpainting", "unet", "sdxl-inpainting", ("unet/config.json", "unet/diffusion_pytorch_model.safetensors"),
+         save_tiny_inpaint_unet),
+        ("realesrgan-x4plus", "upscaler", "realesrgan", ("RealESRGAN_x4plus.safetensors",), partial(save_tiny_realesrgan, scale=4)),
+        ("realesrgan-x2plus", "upscaler", "realesrgan", ("RealESRGAN_x2plus.safetensors",), partial(save_tiny_realesrgan, scale=2)),
+        ("ip-adapter-sdxl", "ip-adapter", "ip-adapter", adapters.IP_ADAPTER_FILES, _with_unet(adapters.save_tiny_ip_adapters)),
+        ("ip-adapter-faceid-plusv2-sdxl", "ip-adapter", "ip-adapter-faceid", (adapters.FACEID_WEIGHT_NAME,),
+         _with_unet(adapters.save_tiny_faceid)),
+        ("instantid", "instantid", "instantid", adapters.INSTANTID_FILES, _with_unet(adapters.save_tiny_instantid_folder)),
+        ("insightface-antelopev2", "face-analysis", "insightface/models/antelopev2", faces.ANTELOPEV2_FILES,
+         partial(faces.save_tiny_pack, files=faces.ANTELOPEV2_FILES)),
+        ("insightface-buffalo-l", "face-analysis", "insightface", faces.BUFFALO_L_FILES,
+         partial(faces.save_tiny_pack, files=faces.BUFFALO_L_FILES, seed=1)),
+        ("depth-anything-v2-small", "depth-estimator", "depth-anything-v2-small", annotators.DEPTH_FILES,
+         annotators.save_tiny_depth_model),
+        ("annotators-openpose", "annotator", "annotators-openpose", annotators.OPENPOSE_FILES, annotators.save_openpose),
+        ("annotators-hed", "annotator", "annotators-hed", ("ControlNetHED.pth",), annotators.save_hed_folder),
+        ("annotators-lineart", "annotator", "annotators-lineart", annotators.LINEART_FILES, annotators.save_lineart_folder),
+    ]
+
+
+def components_manifest() -> Manifest:
+    """The stand-ins as a weights manifest: pass it, with `components_dir(cache)`, wherever a loader
+    takes `manifest=` / `weights_dir=`, and each component is built on its first `require`."""
+    from .weights import Manifest, ManifestEntry, WeightFile
+
+    return Manifest(entries=tuple(
+        ManifestEntry(name=name, kind=kind, description=COMPONENTS_NOTICE, repo="refgen/tiny", revision="built-in",
+                      license="Apache-2.0", local_dir=local_dir, files=tuple(WeightFile(path=f) for f in files), build=recipe)
+        for name, kind, local_dir, files, recipe in _components()
+    ))

@@ -9,16 +9,22 @@ does.
 Every fetched file lands under its final name only after its sha256 checked out, and its hash is
 recorded in `<folder>/.refgen-lock.json`, so `verify()` can later detect a changed file even where
 the manifest has no hash.
+
+An entry may instead carry a `build` recipe (the tiny model's random stand-ins, engine/tiny.py):
+`require()` then writes its files offline on first use, records them in the same lock file, and
+every loader reads them exactly as it reads fetched weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,7 +34,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine import paths
-from engine.errors import RefgenError, UnknownModelError, WeightsIntegrityError, WeightsMissingError
+from engine.errors import (
+    RefgenError,
+    UnknownModelError,
+    WeightsDownloadError,
+    WeightsIntegrityError,
+    WeightsMissingError,
+)
 from engine.hashing import sha256_file
 from engine.images import write_atomic
 
@@ -41,6 +53,7 @@ LOCK_FILE_NAME = ".refgen-lock.json"
 # Downloads land here first: inside the component folder, so the final os.replace stays on one
 # filesystem (atomic), and at a fixed name, so huggingface_hub can resume an interrupted download.
 STAGING_DIR_NAME = ".refgen-download"
+HUB_PROBE_TIMEOUT = 10.0  # seconds to wait for the hub's first answer
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 # (repo, filename, revision, dest_dir) -> path of the downloaded file (expected under dest_dir)
@@ -102,6 +115,8 @@ class ManifestEntry(BaseModel):
     local_dir: str
     variant: str | None = None
     files: tuple[WeightFile, ...] = Field(min_length=1)
+    # Writes every listed file into the folder it is given, offline; None: the files come from `fetch`.
+    build: Callable[[Path], None] | None = Field(default=None, exclude=True, repr=False)
 
     @field_validator("local_dir")
     @classmethod
@@ -192,12 +207,49 @@ def require(
     weights_dir: Path | str | None = None,
     manifest: Manifest | None = None,
 ) -> Path:
-    """The component's folder, or WeightsMissingError naming the files and the fetch command."""
+    """The component's folder, or WeightsMissingError naming the files and the fetch command.
+    An entry with a `build` recipe is built there instead, on first use."""
     entry = (manifest or Manifest.load()).get(entry_name)
     missing = missing_files(entry, weights_dir)
+    if missing and entry.build is not None:
+        build(entry, weights_dir)
+        missing = missing_files(entry, weights_dir)
+        if missing:  # a recipe that does not match its entry: a bug, not a download to suggest
+            raise RefgenError(f"building '{entry_name}' did not write {', '.join(missing)}")
     if missing:
         raise WeightsMissingError(entry_name, missing)
     return entry.folder(weights_dir)
+
+
+def build(entry: ManifestEntry, weights_dir: Path | str | None = None) -> Path:
+    """Run the entry's recipe in a private folder, then move each missing file into place and record
+    its hash, so a crash never leaves half a component and two processes never mix their files."""
+    if entry.build is None:
+        raise RefgenError(f"'{entry.name}' has no build recipe; fetch it with: refgen weights fetch {entry.name}")
+    folder = entry.folder(weights_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".building", dir=folder))
+    try:
+        entry.build(staging)
+        records = {}
+        for weight_file in entry.files:
+            final = folder / weight_file.path
+            if final.is_file():
+                continue  # another process finished first
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / weight_file.path, final)
+            records[weight_file.path] = _built_record(entry, final)
+        _record_in_lock(folder, records)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _built_record(entry: ManifestEntry, path: Path) -> dict[str, Any]:
+    return {
+        "sha256": sha256_file(path, progress=False), "size": path.stat().st_size, "verified_against": "built",
+        "entry": entry.name, "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def human_size(size: int | None) -> str:
@@ -243,6 +295,7 @@ def hub_download(repo: str, filename: str, revision: str, dest_dir: Path, *, pro
     """Download one file with huggingface_hub into dest_dir/filename (its own progress bar)."""
     from huggingface_hub import hf_hub_download
 
+    check_hub_reachable(repo, filename, revision)
     try:
         downloaded = hf_hub_download(
             repo_id=repo,
@@ -252,8 +305,24 @@ def hub_download(repo: str, filename: str, revision: str, dest_dir: Path, *, pro
             tqdm_class=None if progress else _quiet_tqdm_class(),
         )
     except Exception as exc:  # network boundary: turn hub/HTTP errors into one actionable message
-        raise RefgenError(f"could not download {filename} from {repo}@{revision}: {exc}") from exc
+        raise WeightsDownloadError(f"could not download {filename} from {repo}@{revision}: {exc}") from exc
     return Path(downloaded)
+
+
+def check_hub_reachable(repo: str, filename: str, revision: str, timeout: float = HUB_PROBE_TIMEOUT) -> None:
+    """One metadata request, without retries. hf_hub_download retries a network error for ~25 s and
+    has no setting for it, so with no network this answers at once instead (WeightsDownloadError)."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if constants.HF_HUB_OFFLINE:
+        raise WeightsDownloadError("HF_HUB_OFFLINE is set, so the Hugging Face hub is not contacted (unset it to download)")
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision), timeout=timeout)
+    except HfHubHTTPError:
+        return  # the hub answered (e.g. 401, 404): hf_hub_download reports the exact problem
+    except Exception as exc:  # no answer at all: DNS, refused connection, timeout, proxy
+        raise WeightsDownloadError(f"cannot reach the Hugging Face hub ({constants.ENDPOINT}): {exc}") from exc
 
 
 def hub_sha256(repo: str, filename: str, revision: str) -> str | None:
@@ -262,9 +331,9 @@ def hub_sha256(repo: str, filename: str, revision: str) -> str | None:
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     try:
-        metadata = get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision))
+        metadata = get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision), timeout=HUB_PROBE_TIMEOUT)
     except Exception as exc:  # network boundary, as in hub_download
-        raise RefgenError(f"could not read hub metadata of {filename} in {repo}@{revision}: {exc}") from exc
+        raise WeightsDownloadError(f"could not read hub metadata of {filename} in {repo}@{revision}: {exc}") from exc
     etag = (metadata.etag or "").strip('"').lower()
     return etag if _SHA256_HEX.match(etag) else None
 
@@ -312,14 +381,35 @@ def fetch(
         print(f"{entry.name}: all {len(entry.files)} files already in {folder}")
         return folder
     staging = folder / STAGING_DIR_NAME
-    for weight_file in todo:
-        record = _fetch_one(entry, weight_file, folder, staging, download, expected_hash, progress)
-        # Recorded per file, so an interrupted fetch still remembers what it verified.
-        _record_in_lock(folder, {weight_file.path: record})
-        print(_summary_line(weight_file.path, record))
+    try:
+        for weight_file in todo:
+            record = _fetch_one(entry, weight_file, folder, staging, download, expected_hash, progress)
+            # Recorded per file, so an interrupted fetch still remembers what it verified.
+            _record_in_lock(folder, {weight_file.path: record})
+            print(_summary_line(weight_file.path, record))
+    except WeightsDownloadError as exc:
+        _discard_staging(staging)
+        raise WeightsDownloadError(exc.reason, [still_missing(entry, weights_dir)]) from exc
     shutil.rmtree(staging, ignore_errors=True)
     print(f"{entry.name}: {len(todo)} file(s) fetched into {folder}")
     return folder
+
+
+def _discard_staging(staging: Path) -> None:
+    """Remove the download folder, and the component folder if that leaves it empty; a partial
+    download is kept, so the next fetch resumes it."""
+    if any(p.stat().st_size for p in staging.rglob("*.incomplete")):
+        return
+    shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        staging.parent.rmdir()  # only succeeds when empty
+
+
+def still_missing(entry: ManifestEntry, weights_dir: Path | str | None = None) -> str:
+    """'name: file, file and 3 more (in folder)' for the entry's files not on disk."""
+    missing = missing_files(entry, weights_dir)
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return f"{entry.name}: {shown} (in {entry.folder(weights_dir)})"
 
 
 def _fetch_one(

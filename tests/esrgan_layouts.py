@@ -20,6 +20,7 @@ Layouts (the tensor names and shapes a real checkpoint of each kind has; only th
       x2: model.3 upconv,           model.5 HR conv, model.7 last conv
 
 Grow channels are 32 in every published checkpoint, and spandrel builds RRDB with gc=32 only.
+`realesrgan_state_dict` is engine/tiny.py's (the tiny model's upscaler stand-in uses it too).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-GROW = 32
+from engine.tiny import ESRGAN_GROW as GROW  # noqa: F401
+from engine.tiny import realesrgan_state_dict  # noqa: F401  (the tiny model's Real-ESRGAN stand-in)
 
 
 def _conv(generator: torch.Generator, out_ch: int, in_ch: int, gain: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,36 +39,6 @@ def _conv(generator: torch.Generator, out_ch: int, in_ch: int, gain: float = 1.0
     weight = torch.randn(out_ch, in_ch, 3, 3, generator=generator) * std
     bias = torch.randn(out_ch, generator=generator) * 0.01
     return weight, bias
-
-
-def realesrgan_state_dict(scale: int = 4, nf: int = 8, nb: int = 1, gc: int = GROW, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random BasicSR/Real-ESRGAN RRDBNet state dict (x4: 3 input channels; x2: 12, pixel-unshuffled).
-
-    Weights are scaled so that the random network maps an image to something image-like in [0, 1]
-    (a grey-ish picture with structure), not to a flat clamp: the tests compare real pixels.
-    """
-    if scale not in (2, 4):
-        raise ValueError("scale must be 2 or 4")
-    g = torch.Generator().manual_seed(seed)
-    in_ch = 3 * (4 if scale == 2 else 1)
-    sd: dict[str, torch.Tensor] = {}
-
-    def put(name: str, out_ch: int, in_ch_: int, gain: float = 1.0) -> None:
-        sd[f"{name}.weight"], sd[f"{name}.bias"] = _conv(g, out_ch, in_ch_, gain)
-
-    put("conv_first", nf, in_ch, 1.0)
-    for i in range(nb):
-        for r in (1, 2, 3):
-            for c in range(1, 6):
-                out_ch = nf if c == 5 else gc
-                put(f"body.{i}.rdb{r}.conv{c}", out_ch, nf + (c - 1) * gc)
-    put("conv_body", nf, nf)
-    put("conv_up1", nf, nf)
-    put("conv_up2", nf, nf)
-    put("conv_hr", nf, nf)
-    put("conv_last", 3, nf, 0.7)
-    sd["conv_last.bias"] = sd["conv_last.bias"] + 0.5  # centre the output in [0, 1]
-    return sd
 
 
 def to_original_esrgan_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

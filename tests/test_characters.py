@@ -10,6 +10,8 @@ where skimage's photo has it; a black picture has none). Offline, CPU.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,29 @@ def test_create_stores_json_safetensors_and_pngs_and_reloads_equal(store, analyz
     assert loaded.analyzer == analyzer.describe()
     # case and spacing do not make another character
     assert store.get("eileen   collins").name == "Eileen Collins"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_saved_character_gets_the_modes_a_plain_mkdir_and_write_get(store, analyzer, astronaut, tmp_path, umask):
+    """The profile is staged in a temp folder and renamed into place: mkdtemp's 0700 must not survive."""
+    previous = os.umask(umask)
+    try:
+        (tmp_path / "plain_dir").mkdir()
+        (tmp_path / "plain_file").write_bytes(b"")
+        folder = store.create("Eileen", [astronaut], analyzer, anchor=ANCHOR).path
+    finally:
+        os.umask(previous)
+    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
+    assert {mode(folder), mode(folder / "anchors")} == {mode(tmp_path / "plain_dir")}
+    assert {mode(path) for path in folder.rglob("*") if path.is_file()} == {mode(tmp_path / "plain_file")}
+
+
+def test_face_analysis_on_a_gpu_this_machine_lacks_is_a_device_error_not_a_silent_cpu_run(pack_dir, monkeypatch):
+    from engine.errors import DeviceError
+
+    monkeypatch.setenv("REFGEN_WEIGHTS", str(pack_dir))
+    with pytest.raises(DeviceError, match="cuda:99"):
+        FaceAnalyzer.load("antelopev2", device="cuda:99")
 
 
 def test_the_default_store_lives_in_refgen_home(tmp_path, monkeypatch):

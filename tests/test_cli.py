@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
@@ -32,10 +34,11 @@ def test_replay_reports_identical_pixels(refgen_home, tmp_path):
     assert np.array_equal(np.asarray(Image.open(original)), np.asarray(Image.open(copy)))
 
 
-def test_an_invalid_request_names_the_field_and_exits_1(refgen_home, tmp_path):
+def test_an_invalid_request_names_the_flag_and_exits_1(refgen_home, tmp_path):
     result = runner.invoke(app, ["generate", "x", "--model", "tiny", "--guidance", "42", "--out", str(tmp_path)])
     assert result.exit_code == 1
-    assert "guidance_scale" in result.output and "Traceback" not in result.output
+    assert "--guidance: Input should be less than or equal to 20" in result.output
+    assert "guidance_scale" not in result.output and "Traceback" not in result.output
     assert not list(tmp_path.glob("*.png"))
 
 
@@ -54,11 +57,13 @@ def test_presets_list_and_show(refgen_home):
 
 
 def test_control_units_parse_type_image_weight_and_window():
+    from adapters.controlnet import ControlUnit
+
     from engine.cli import _control_unit
 
-    unit = _control_unit("edge:photos/c:at.png:0.8:0.1:0.9")
+    unit = ControlUnit(**_control_unit("edge:photos/c:at.png:0.8:0.1:0.9"))
     assert (unit.type, unit.image, unit.weight, unit.start, unit.end) == ("canny", "photos/c:at.png", 0.8, 0.1, 0.9)
-    assert _control_unit("depth:room.jpg").weight == 1.0
+    assert ControlUnit(**_control_unit("depth:room.jpg")).weight == 1.0
 
 
 def test_inpainting_from_the_command_line_keeps_the_outside(refgen_home, tmp_path):
@@ -75,9 +80,11 @@ def test_inpainting_from_the_command_line_keeps_the_outside(refgen_home, tmp_pat
     assert np.array_equal(np.asarray(Image.open(written))[outside], np.asarray(Image.open(tmp_path / "photo.png"))[outside])
 
 
-def test_remix_without_controlnet_weights_says_what_to_fetch(refgen_home, tmp_path):
+def test_remix_without_controlnet_weights_says_what_to_fetch(refgen_home, tiny_model_dir, tmp_path):
+    # A model folder (not `tiny`, whose stand-ins need no fetch) without the canny ControlNet on disk.
     Image.new("RGB", (64, 64), (90, 120, 200)).save(tmp_path / "photo.png")
-    result = runner.invoke(app, ["remix", str(tmp_path / "photo.png"), "a bronze statue", "--model", "tiny", "--out", str(tmp_path)])
+    result = runner.invoke(app, ["remix", str(tmp_path / "photo.png"), "a bronze statue", "--model", str(tiny_model_dir),
+                                 "--out", str(tmp_path)])
     assert result.exit_code == 1 and "refgen weights fetch controlnet-canny-sdxl" in result.output
 
 
@@ -89,30 +96,35 @@ def test_upscale_command_is_registered(refgen_home, tmp_path):
 
 
 def test_style_and_content_references_parse_weight_strength_and_influence():
+    from adapters.ip_adapter import Reference
+
     from engine.cli import _reference
 
-    assert _reference("style", "ink.png").model_dump(exclude={"image"}) == {
+    assert Reference(**_reference("style", "ink.png")).model_dump(exclude={"image"}) == {
         "kind": "style", "weight": None, "strength_type": None, "influence": 1.0}
-    high = _reference("style", "art/c:ink.png:High:2")
+    high = Reference(**_reference("style", "art/c:ink.png:High:2"))
     assert (high.image, high.strength_type, high.influence) == ("art/c:ink.png", "High", 2.0)
-    assert _reference("content", "layout.png:0.7").weight == 0.7
+    assert Reference(**_reference("content", "layout.png:0.7")).weight == 0.7
 
 
 def test_character_options_name_a_profile_or_list_photos(tmp_path):
+    from adapters.identity import CharacterReference
+
     from engine.cli import _character
 
     photo = tmp_path / "me.jpg"
     Image.new("RGB", (8, 8)).save(photo)
-    by_name = _character(["mira"], "High", "instantid", None, None)
+    by_name = CharacterReference(**_character(["mira"], "High", "instantid", None, None))
     assert (by_name.name, by_name.strength_type, by_name.images) == ("mira", "High", [])
-    by_photos = _character([str(photo), str(photo)], "0.7", "faceid", None, 1)
+    by_photos = CharacterReference(**_character([str(photo), str(photo)], "0.7", "faceid", None, 1))
     assert (by_photos.name, by_photos.weight, by_photos.adapter, by_photos.face_index) == (None, 0.7, "faceid", 1)
     assert len(by_photos.images) == 2
+    assert _character(["typo.jpg"], None, "instantid", None, None)["images"] == [Path("typo.jpg")]  # a photo, not a name
     assert _character(None, None, "instantid", None, None) is None
 
 
 def test_character_options_without_a_character_are_a_usage_error(refgen_home, tmp_path):
     result = runner.invoke(app, ["generate", "x", "--model", "tiny", "--best-of", "3", "--out", str(tmp_path)])
-    assert result.exit_code == 1 and "best_of" in result.output and "character" in result.output
+    assert result.exit_code == 1 and "--best-of ranks images" in result.output and "character" in result.output
     result = runner.invoke(app, ["generate", "x", "--model", "tiny", "--pose", __file__, "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--character" in result.output

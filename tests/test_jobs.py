@@ -1,13 +1,23 @@
 """The worker and the EngineRunner: queued Leonardo bodies -> images on the tiny engine, failures
-recorded with the field they name, restarts that lose no job and record none twice."""
+recorded with the field they name, restarts (a real server killed mid-job too) that lose no job, record
+none twice and leave no orphan files."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import re
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
+from typing import Optional
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -15,7 +25,8 @@ from engine.errors import RefgenError
 from engine.jobs import EngineRunner, Worker
 from engine.leonardo import ModelTable
 from engine.provenance import read_metadata
-from engine.store import AssetStore, Generation, Output
+from engine.server import PREFIX
+from engine.store import DATABASE_NAME, AssetStore, Generation, Output
 
 KINO_XL = "aa77f04e-3eec-4034-9c07-d0f619684628"  # maps to sdxl-base in the built-in table
 BODY = {"prompt": "a red fox", "width": 64, "height": 64, "num_images": 2, "num_inference_steps": 2,
@@ -175,6 +186,89 @@ def test_restart_resumes_a_claimed_job_once(tmp_path, engine):
     assert len(done.images) == 2 and len({i.id for i in done.images}) == 2
     assert sorted(p.name for p in second.files.iterdir()) == sorted(i.path.name for i in done.images)
     second.close()
+
+
+@contextlib.contextmanager
+def refgen_serve(home: Path, log: Path):
+    """A real `refgen serve --model tiny` process with its data under `home`; yields (process, base URL)."""
+    command = [sys.executable, "-m", "engine.cli", "serve", "--model", "tiny", "--device", "cpu", "--port", "0"]
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=sink,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "REFGEN_HOME": str(home)})
+    try:
+        yield process, _listening_on(process, log)
+    finally:
+        process.terminate()  # does nothing to a process already killed and reaped
+        process.wait(30)
+
+
+def _listening_on(process: subprocess.Popen, log: Path, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while not (found := re.search(r"Uvicorn running on (http://\S+)", log.read_text(errors="replace"))):
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
+        time.sleep(0.05)
+    return found[1]
+
+
+@contextlib.contextmanager
+def write_lock_once_claimed(database: Path, job_id: str, timeout: float = 60.0):
+    """Take SQLite's write lock as soon as the server claims `job_id` (it then loads the model and generates for
+    seconds): its PNGs still reach the disk, written before their rows, but their commit waits for us."""
+    db = sqlite3.connect(database, isolation_level=None, timeout=10)
+    try:
+        deadline = time.monotonic() + timeout
+        while _state(db, job_id)[1] is None:
+            assert time.monotonic() < deadline, "the server never claimed the job"
+            time.sleep(0.005)
+        db.execute("BEGIN IMMEDIATE")
+        assert _state(db, job_id)[0] == "PENDING", "the job finished before the lock: the test missed its moment"
+        yield
+    finally:
+        db.close()  # rolls back: the lock goes
+
+
+def _state(db: sqlite3.Connection, job_id: str) -> tuple[str, Optional[str]]:
+    """(status, claimed_at), read straight from the server's database."""
+    return db.execute("SELECT status, claimed_at FROM generations WHERE id = ?", (job_id,)).fetchone()
+
+
+def _wait_for_pngs(folder: Path, count: int, timeout: float = 60.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while len(names := sorted(p.name for p in folder.glob("*.png"))) < count:
+        assert time.monotonic() < deadline, f"only {names} in {folder}"
+        time.sleep(0.005)
+    return names
+
+
+def _finished(database: Path, job_id: str, timeout: float = 60.0) -> tuple[str, list[str]]:
+    """The job's final status and its image files, once it has one."""
+    deadline = time.monotonic() + timeout
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        while (status := _state(db, job_id)[0]) == "PENDING":
+            assert time.monotonic() < deadline, "the restarted server never finished the job"
+            time.sleep(0.05)
+        images = db.execute("SELECT path FROM generated_images WHERE generation_id = ? ORDER BY idx", (job_id,))
+        return status, [name for (name,) in images]
+
+
+def test_a_server_killed_while_writing_its_pngs_runs_the_job_once_and_leaves_no_orphans(tmp_path):
+    home = tmp_path / "home"
+    files, database = home / "api" / "files", home / "api" / DATABASE_NAME
+    body = {"prompt": "a red fox", "width": 64, "height": 64, "num_images": 2, "num_inference_steps": 2, "seed": 5}
+    with refgen_serve(home, tmp_path / "first.log") as (server, base):
+        job = httpx.post(f"{base}{PREFIX}/generations", json=body).json()["sdGenerationJob"]["generationId"]
+        with write_lock_once_claimed(database, job):
+            orphans = _wait_for_pngs(files, 2)  # on disk, their commit blocked: the moment a kill orphans them
+            server.kill()  # SIGKILL: no cleanup runs
+            server.wait()
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        assert _state(db, job)[0] == "PENDING"  # the kill came before the commit
+    with refgen_serve(home, tmp_path / "second.log"):
+        status, images = _finished(database, job)
+    assert status == "COMPLETE" and len(images) == 2  # once: UNIQUE (generation_id, idx) allows no more
+    assert sorted(p.name for p in files.iterdir()) == sorted(images)  # no .png or .partial beyond the job's
+    assert set(orphans).isdisjoint(images)
+    assert all(name in (tmp_path / "second.log").read_text() for name in orphans)  # the sweep said what it removed
 
 
 def test_engine_is_reloaded_only_when_the_model_changes(store, engine):

@@ -1,11 +1,13 @@
 """Leonardo generation JSON -> GenerationRequest: every field, every preprocessorId, every refusal, and
-the sample requests of Leonardo's Image Guidance guide (seed 003). Request objects only: no model, no GPU."""
+the sample requests of Leonardo's Image Guidance guide (seed 003); and refgen -> Leonardo's vocabulary for
+answers, checked against the enums of Leonardo's Python SDK. Request objects only: no model, no GPU."""
 
 from __future__ import annotations
 
 import logging
 
 import pytest
+from leonardo_ai_sdk.models import operations, shared
 from PIL import Image
 
 from adapters.controlnet import ControlUnit
@@ -13,11 +15,12 @@ from adapters.identity import CharacterReference
 from adapters.ip_adapter import Reference
 from engine.errors import RefgenError
 from engine.leonardo import (
-    BUILTIN_MODELS, PREPROCESSORS, PRESET_STYLES, LeonardoConfigError, LeonardoRequestError, ModelTable,
-    UnknownImageError, local_model, parse_generation,
+    BUILTIN_MODELS, IGNORED, MAPPED, PREPROCESSORS, PRESET_STYLES, REFUSED, LeonardoConfigError, LeonardoRequestError,
+    ModelTable, UnknownImageError, leonardo_scheduler, leonardo_style, local_model, parse_generation,
 )
 from engine.presets import builtin_presets
 from engine.request import GenerationRequest, resolve
+from engine.schedulers import SCHEDULERS
 
 KINO_XL = "aa77f04e-3eec-4034-9c07-d0f619684628"
 UPLOADED = {f"up-{n}": Image.new("RGB", (64, 64), (n * 40, 0, 0)) for n in range(1, 7)}
@@ -250,6 +253,28 @@ def test_leonardo_schedulers(name, ours):
     assert parse({"prompt": "x", "scheduler": name}).scheduler == ours
 
 
+@pytest.mark.parametrize("scheduler", list(shared.SdGenerationSchedulers), ids=lambda s: s.value)
+def test_a_leonardo_scheduler_is_answered_as_itself(scheduler):
+    """Leonardo's enum from its SDK: what refgen runs for a name is reported as that name."""
+    assert leonardo_scheduler(parse({"prompt": "x", "scheduler": scheduler.value}).scheduler) == scheduler.value
+
+
+@pytest.mark.parametrize("ours", sorted(SCHEDULERS))
+def test_every_refgen_scheduler_is_answered_in_leonardos_enum(ours):
+    assert shared.SdGenerationSchedulers(leonardo_scheduler(ours))
+
+
+@pytest.mark.parametrize("style", list(shared.SdGenerationStyle), ids=lambda s: s.value)
+def test_every_leonardo_preset_style_is_answered_as_itself_in_any_case(style):
+    assert leonardo_style(style.value.lower()) == leonardo_style(style.value) == style.value
+
+
+def test_every_field_of_the_sdks_request_is_known():
+    """The official SDK's request model lists Leonardo's fields: none may be refused as "unknown field"."""
+    sent = {field.alias or name for name, field in operations.CreateGenerationRequestBody.model_fields.items()}
+    assert sent - (MAPPED | set(IGNORED) | set(REFUSED)) == set()
+
+
 def test_up_to_eight_images_at_768_and_below():
     assert parse({"prompt": "x", "width": 768, "height": 512, "num_images": 8}).num_images == 8
 
@@ -326,6 +351,16 @@ def test_control_preprocessors(preprocessor_id, control_type):
     assert request.controlnets == [ControlUnit(type=control_type, image=UPLOADED["up-1"], weight=1.5)]
 
 
+def test_preprocessor_id_may_be_a_whole_float():
+    """Leonardo's schema types preprocessorId as a number and the Python SDK sends 19.0."""
+    assert parse({"prompt": "x", "controlnets": [unit(19.0)]}).controlnets[0].type == "canny"
+    assert parse({"prompt": "x", "controlnets": [unit(67.0)]}).references[0].kind == "style"
+    for bad in (19.5, float("inf"), True):
+        with pytest.raises(LeonardoRequestError) as caught:
+            parse({"prompt": "x", "controlnets": [unit(bad)]})
+        assert caught.value.field == "controlnets[0].preprocessorId"
+
+
 def test_every_table_id_is_tested():
     tested = {19, 20, 21, 22, 1, 3, 7, 11, 10, 6, 5, 12, 13, 16, 18, 17, 15, 67, 100, 133}
     assert set(PREPROCESSORS) == tested
@@ -381,6 +416,18 @@ def test_unknown_model_id_lists_the_known_ones():
     with pytest.raises(LeonardoRequestError) as caught:
         parse({"prompt": "x", "modelId": "6b645e3a-d64f-4341-a6d8-7a3690fbf042"})
     assert caught.value.field == "modelId" and KINO_XL in str(caught.value)
+    assert "sdxl-base" in str(caught.value) and "leonardo_models.toml" in str(caught.value)
+
+
+def test_platform_ids_run_on_the_servers_model():
+    """`refgen serve --model tiny` sets the table's default: the SDKs' default modelId (Lightning XL) runs on it."""
+    sdk_default = operations.CreateGenerationRequestBody.model_fields["model_id"].default
+    table = ModelTable(models={**BUILTIN_MODELS, KINO_XL: "kino-local"}, default="tiny")
+    assert local_model({"modelId": sdk_default}, table) == local_model({}, table) == "tiny"
+    assert local_model({"modelId": KINO_XL}, table) == "kino-local"  # a user's mapping wins
+    with pytest.raises(LeonardoRequestError, match="on this server's model, tiny") as caught:
+        local_model({"modelId": "6b645e3a-d64f-4341-a6d8-7a3690fbf042"}, table)
+    assert f"{KINO_XL} -> kino-local" in str(caught.value)
 
 
 def test_user_model_table_extends_and_overrides(private_home):
@@ -424,7 +471,7 @@ def test_harmless_fields_are_ignored_with_a_warning(caplog, field, value):
 
 def test_neutral_values_pass_silently(caplog):
     body = {"prompt": "x", "public": False, "tiling": False, "transparency": "disabled", "elements": [],
-            "imagePrompts": [], "canvasRequest": False, "promptMagic": False, "unzoom": False}
+            "imagePrompts": [], "canvasRequest": False, "promptMagic": False, "unzoom": False, "upscaleRatio": 1.0}
     with caplog.at_level(logging.WARNING, logger="refgen.leonardo"):
         assert parse(body) == GenerationRequest(prompt="x")
     assert caplog.text == ""
@@ -434,7 +481,7 @@ def test_neutral_values_pass_silently(caplog):
     ("tiling", True), ("transparency", "foreground_only"), ("unzoom", True), ("fantasyAvatar", True),
     ("canvasRequest", True), ("canvasRequestType", "INPAINT"), ("canvasInitId", "c"), ("canvasMaskId", "m"),
     ("imagePrompts", ["up-1"]), ("elements", [{"akUUID": "a", "weight": 0.5}]), ("userElements", [{"userLoraId": 1}]),
-    ("styleUUID", "111dc692-d470-4eec-b791-3475abac4c46"),
+    ("styleUUID", "111dc692-d470-4eec-b791-3475abac4c46"), ("upscaleRatio", 2),
 ])
 def test_fields_that_would_change_the_output_are_refused(field, value):
     with pytest.raises(LeonardoRequestError) as caught:

@@ -75,6 +75,16 @@ def test_aspect_ratios_map_to_sdxl_training_resolutions(ratio, size):
     assert size in SDXL_BUCKETS and size[0] % 64 == 0 and size[1] % 64 == 0
 
 
+@pytest.mark.parametrize(
+    "init_size, size",
+    [((1, 1), (1024, 1024)), ((800, 100), (2048, 512)), ((100, 800), (512, 2048)), ((1600, 900), (1344, 768))],
+)
+def test_img2img_without_a_size_takes_the_bucket_nearest_the_init_images_shape_whatever_its_shape(init_size, size):
+    """A panorama or a 1x1 init image is fitted to SDXL's nearest bucket; only a typed aspect_ratio is bounded."""
+    resolved = resolve(GenerationRequest(prompt="x", init_image="any.png"), init_size=init_size)
+    assert (resolved.width, resolved.height) == size
+
+
 def test_every_bucket_is_about_one_megapixel():
     assert all(0.9e6 <= w * h <= 1.1e6 for w, h in SDXL_BUCKETS)
 

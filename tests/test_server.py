@@ -4,27 +4,24 @@ or id makes a 500. Offline, CPU, the tiny model at 64x64 and 2 steps."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
-import io
 import json
-import threading
 import time
 import uuid
 from urllib.parse import quote
 
 import httpx
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from engine.jobs import EngineRunner, Worker
 from engine.provenance import read_metadata
 from engine.server import PREFIX, ServeError, check_bind, create_app
 from engine.store import AssetStore
+from live_server import png_bytes as _png
+from live_server import running_server
 from tiny_controlnet import save_tiny_controlnet
 
 API = PREFIX
@@ -32,13 +29,6 @@ KEY = "test-key-0123"
 
 
 # ---------------------------------------------------------------------------------------- helpers
-
-def _png(size=(64, 64), seed=0) -> bytes:
-    rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
 
 def _body(**fields) -> dict:
     base = {"prompt": "a robot in a field", "width": 64, "height": 64, "num_inference_steps": 2, "num_images": 1,
@@ -65,26 +55,6 @@ def _poll(client, generation_id: str, path: str = "generations", timeout: float 
             return record
         time.sleep(0.2)
     raise AssertionError(f"{generation_id} still PENDING after {timeout} s")
-
-
-@contextlib.contextmanager
-def running_server(app):
-    """A real uvicorn server on 127.0.0.1 and a free port, in a thread; yields its base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 class CountingRunner:
@@ -152,10 +122,11 @@ def test_end_to_end_over_real_http_with_controlnet_upload_and_provenance(tmp_pat
 def _check_generation_record(record: dict, base: str, tmp_path) -> None:
     assert (record["imageWidth"], record["imageHeight"], record["public"], record["seed"]) == (64, 64, False, 7)
     assert record["prompt"] == "a robot in a field" and len(record["generated_images"]) == 2
-    assert (record["inferenceSteps"], record["scheduler"]) == (2, "euler")  # what ran, from the provenance
+    assert (record["inferenceSteps"], record["scheduler"]) == (2, "EULER_DISCRETE")  # what ran, from the provenance
+    assert record["refgen"]["scheduler"] == "euler"
     for index, image in enumerate(record["generated_images"]):
         assert image["url"].startswith(f"{base}{API}/files/") and image["nsfw"] is False
-        assert image["generated_image_variation_generics"] == [] and image["motionMP4URL"] is None
+        assert image["generated_image_variation_generics"] == []
         response = httpx.get(image["url"])  # no key: the URL is the capability, like Leonardo's CDN links
         assert response.status_code == 200 and response.headers["content-type"] == "image/png"
         saved = tmp_path / f"downloaded-{index}.png"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import logging
+import os
 import sqlite3
+import stat
 import threading
 import uuid
 
@@ -11,7 +14,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
+from engine import paths
 from engine.errors import InvalidImageError
+from engine.hashing import cached_sha256
+from engine.images import staging_path
+from engine.presets import Preset, save_user_preset
 from engine.store import (
     DATABASE_NAME, SCHEMA_VERSION, AssetStore, Output, StoreError, UnknownAssetError,
 )
@@ -305,3 +312,47 @@ def test_a_bounded_queue_never_overshoots_under_simultaneous_callers(store):
     with ThreadPoolExecutor(max_workers=8) as pool:
         created = [job for job in pool.map(attempt, range(40)) if job]
     assert len(created) == 5 and store.pending_count() == 5
+
+
+# ---------------------------------------------------------------------------- crash leftovers, modes
+
+def test_sweep_removes_only_unreferenced_store_files_and_logs_them(store, caplog):
+    store.complete_generation(store.create_generation({}).id, [output()])
+    upload = store.new_upload("png")
+    store.complete_upload(upload.id, upload.token, png())
+    kept = files(store)
+    never_committed = [f"{uuid.uuid4()}.png", f"{store.new_upload('jpg').id}.jpg"]  # killed before the commit
+    temps = [staging_path(store.files / name).name for name in (never_committed[0], kept[0])]  # killed mid-write
+    foreign = ["notes.txt", "holiday.png", staging_path(store.files / "holiday.png").name,
+               f"{uuid.uuid4()}.txt", f"{str(uuid.uuid4()).upper()}.png"]
+    for name in never_committed + temps + foreign:
+        (store.files / name).write_bytes(b"x")
+    folder = f"{uuid.uuid4()}.png"
+    (store.files / folder).mkdir()  # a folder is never one of the store's files
+    with caplog.at_level(logging.WARNING, logger="refgen.store"):
+        removed = store.sweep_orphans()
+    assert removed == sorted(never_committed + temps)
+    assert files(store) == sorted(kept + foreign + [folder])
+    assert all(name in caplog.text for name in removed)
+    assert store.sweep_orphans() == []
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_mode_a_plain_write_gets(tmp_path, refgen_home, umask, mode):
+    """Generated PNGs, uploads, a cache file and a preset: 0666 less the umask, like open() (all write_atomic)."""
+    previous = os.umask(umask)
+    try:
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")
+        with AssetStore(tmp_path / "api") as store:
+            upload = store.new_upload("png")
+            store.complete_upload(upload.id, upload.token, png())
+            done = store.complete_generation(store.create_generation({}).id, [output()])
+        weights = tmp_path / "weights.bin"  # not hashed yet: the cache file is rewritten
+        weights.write_bytes(b"w")
+        cached_sha256(weights)
+        written = [store.files / f"{upload.id}.png", done.images[0].path, paths.cache_dir() / "sha256.json",
+                   save_user_preset(Preset(name="modes"), folder=tmp_path / "presets")]
+    finally:
+        os.umask(previous)
+    assert {stat.S_IMODE(path.stat().st_mode) for path in [plain, *written]} == {mode}

@@ -139,7 +139,7 @@ def test_tiny_is_an_offline_nearest_neighbour_stand_in():
     assert (up.scale, up.architecture, up.info.sha256) == (2, "Compact", None) and "smoke" in up.notice
     image = random_image(10, 14)
     assert np.array_equal(np.asarray(up.upscale(image, progress=False)), np.asarray(image.resize((28, 20), Image.NEAREST)))
-    assert Upscaler.load("tiny").scale == 4
+    assert Upscaler.load("tiny-x4").scale == 4
 
 
 def test_real_esrgan_compact_is_accepted():

@@ -1,4 +1,5 @@
-"""A tiny IP-Adapter FaceID-Plus-v2 for the tiny SDXL, in the published h94/IP-Adapter-FaceID layout.
+"""A tiny IP-Adapter FaceID-Plus-v2 for the tiny SDXL, in the published h94/IP-Adapter-FaceID layout: the
+product's builders (engine/tiny_adapters.py; the tiny model's FaceID stand-in is built the same way).
 
 Layout of h94/IP-Adapter-FaceID `ip-adapter-faceid-plusv2_sdxl.bin` (a torch pickle holding the nested dict
 {"image_proj": {...}, "ip_adapter": {...}}; we write the same keys flattened with the `image_proj.` /
@@ -41,72 +42,8 @@ The author states the .bin "includes the adapter and lora", so the LoRA here liv
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-
-from tiny_ip_adapter import resampler_state_dict
-
-NUM_TOKENS = 4
-DEPTH = 4
-DIM_HEAD = 64
-WEIGHT_NAME = "ip-adapter-faceid-plusv2_sdxl.safetensors"
-
-
-def _attention(unet, processor_name: str):
-    return unet.get_submodule(processor_name[: -len(".processor")])
-
-
-def tiny_faceid_plusv2_state_dict(unet, clip_hidden: int, id_dim: int = 512, seed: int = 23,
-                                  lora_rank: int | None = 4) -> dict[str, torch.Tensor]:
-    """Random weights in the published FaceID-Plus-v2 SDXL layout (see the module docstring).
-
-    `lora_rank=None` leaves out the LoRA keys (adapter-only file: scale 0 then equals the plain pipeline)."""
-    generator = torch.Generator().manual_seed(seed)
-    cross = unet.config.cross_attention_dim
-    embed = cross  # ProjPlusModel's resampler works at dim = cross_attention_dim
-    inner = max(1, cross // DIM_HEAD) * DIM_HEAD
-
-    def rand(*shape, std=0.2):
-        return torch.randn(*shape, generator=generator) * std
-
-    state = {
-        "image_proj.proj.0.weight": rand(2 * id_dim, id_dim, std=0.05),
-        "image_proj.proj.0.bias": rand(2 * id_dim, std=0.05),
-        "image_proj.proj.2.weight": rand(NUM_TOKENS * embed, 2 * id_dim, std=0.05),
-        "image_proj.proj.2.bias": rand(NUM_TOKENS * embed, std=0.05),
-        "image_proj.norm.weight": 1 + rand(embed, std=0.1),
-        "image_proj.norm.bias": rand(embed, std=0.1),
-    }
-    state.update(resampler_state_dict("image_proj.perceiver_resampler", rand, clip_hidden, width=embed, inner=inner,
-                                      output=cross, depth=DEPTH))
-
-    for index, name in enumerate(unet.attn_processors):
-        attention = _attention(unet, name)
-        hidden = attention.to_q.out_features
-        is_cross = name.endswith("attn2.processor")
-        if lora_rank:
-            kv_in = attention.to_k.in_features  # cross for attn2, hidden for attn1
-            for proj, (fan_in, fan_out) in {"to_q": (attention.to_q.in_features, hidden), "to_k": (kv_in, hidden),
-                                            "to_v": (kv_in, hidden), "to_out": (hidden, attention.to_out[0].out_features)}.items():
-                state[f"ip_adapter.{index}.{proj}_lora.down.weight"] = rand(lora_rank, fan_in, std=0.3)
-                state[f"ip_adapter.{index}.{proj}_lora.up.weight"] = rand(fan_out, lora_rank, std=0.3)
-        if is_cross:
-            state[f"ip_adapter.{index}.to_k_ip.weight"] = rand(attention.to_k.out_features, cross, std=0.3)
-            state[f"ip_adapter.{index}.to_v_ip.weight"] = rand(attention.to_v.out_features, cross, std=0.3)
-    return state
-
-
-def save_tiny_faceid(unet, root: Path, clip_hidden: int = 32, lora_rank: int | None = 4,
-                     weight_name: str = WEIGHT_NAME) -> Path:
-    """Writes root/ip-adapter-faceid-plusv2_sdxl.safetensors; returns the file's path.
-
-    `clip_hidden` must be the hidden size of the CLIP vision model whose penultimate hidden states are set as
-    `clip_embeds` (32 for tests/tiny_ip_adapter.build_tiny_image_encoder)."""
-    from safetensors.torch import save_file
-
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    state = tiny_faceid_plusv2_state_dict(unet, clip_hidden, lora_rank=lora_rank)
-    save_file({key: value.contiguous() for key, value in state.items()}, root / weight_name)
-    return root / weight_name
+from engine.tiny_adapters import DIM_HEAD  # noqa: F401
+from engine.tiny_adapters import FACEID_NUM_TOKENS as NUM_TOKENS  # noqa: F401
+from engine.tiny_adapters import FACEID_WEIGHT_NAME as WEIGHT_NAME  # noqa: F401
+from engine.tiny_adapters import RESAMPLER_DEPTH as DEPTH  # noqa: F401
+from engine.tiny_adapters import save_tiny_faceid, tiny_faceid_plusv2_state_dict  # noqa: F401

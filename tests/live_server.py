@@ -1,0 +1,39 @@
+"""Helpers for tests that talk to the API over real HTTP: a uvicorn server in a thread, test images."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import time
+
+import numpy as np
+from PIL import Image
+
+
+def png_bytes(size=(64, 64), seed=0) -> bytes:
+    """A random RGB PNG (random, so canny and the init image have something to work with)."""
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """A real uvicorn server on 127.0.0.1 and a free port, in a thread; yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
