@@ -15,20 +15,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.conditioning import Guidance
 from engine.errors import RefgenError
-
-# Types with a model to serve them, and the spellings users and Leonardo use for them.
-CONTROL_TYPES = ("canny", "depth", "pose", "lineart", "scribble", "softedge", "normal")
-CONTROL_ALIASES = {"edge": "canny", "edges": "canny", "openpose": "pose", "sketch": "scribble", "hed": "softedge",
-            "line_art": "lineart", "normal_map": "normal"}
+from engine.request_types import ControlUnit, FitMode, canonical_type
 
 # Single-type SDXL ControlNets in weights/manifest.toml, by control type.
 DEFAULT_MODELS = {"canny": "controlnet-canny-sdxl", "depth": "controlnet-depth-sdxl", "pose": "controlnet-openpose-sdxl"}
@@ -37,50 +32,8 @@ DEFAULT_MODELS = {"canny": "controlnet-canny-sdxl", "depth": "controlnet-depth-s
 UNION_MODEL = "controlnet-union-sdxl"
 UNION_MODES = {"pose": 0, "depth": 1, "softedge": 2, "scribble": 2, "canny": 3, "lineart": 3, "normal": 4}
 
-FitMode = Literal["crop", "fit", "stretch"]
-
-
 class ControlError(RefgenError):
     """A control unit that cannot be served: unknown type, no model for it, unusable image."""
-
-
-def normalise_type(name: str) -> str:
-    """`Edge`, `openpose`, `line-art` ... -> the type's own name (not checked against CONTROL_TYPES)."""
-    key = str(name).strip().lower().replace("-", "_")
-    return CONTROL_ALIASES.get(key, key)
-
-
-def canonical_type(name: str) -> str:
-    key = normalise_type(name)
-    if key not in CONTROL_TYPES:
-        raise ValueError(f"unknown control type {name!r}; known types: {', '.join(CONTROL_TYPES)}")
-    return key
-
-
-class ControlUnit(BaseModel):
-    """One ControlNet unit of a request."""
-
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=True)
-
-    type: str
-    image: Union[str, Path, Image.Image]
-    weight: float = Field(default=1.0, ge=0.0, le=2.0)
-    start: float = Field(default=0.0, ge=0.0, le=1.0)
-    end: float = Field(default=1.0, ge=0.0, le=1.0)
-    preprocess: Union[bool, Literal["auto"]] = "auto"  # auto: a photo is preprocessed, a control map is used as is
-    fit: FitMode = "crop"
-    options: dict[str, Union[float, int, bool, str]] = Field(default_factory=dict)  # preprocessor options
-
-    @field_validator("type")
-    @classmethod
-    def _known_type(cls, value: str) -> str:
-        return canonical_type(value)
-
-    @model_validator(mode="after")
-    def _window(self) -> "ControlUnit":
-        if self.start >= self.end:
-            raise ValueError(f"control unit window: start ({self.start}) must be before end ({self.end})")
-        return self
 
 
 def fit_image(image: Image.Image, width: int, height: int, mode: FitMode) -> Image.Image:

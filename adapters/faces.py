@@ -570,7 +570,7 @@ def _analyzer_identity(pack: str, files: dict[str, Path], det_size: tuple[int, i
 
 def _resolve_device(device: Any):
     """The engine's device rules (DeviceError for a GPU this machine lacks), never a silent CPU fallback."""
-    from engine.engine import pick_device  # imported here: engine.engine imports the adapters
+    from engine.devices import pick_device
 
     return pick_device(None if device is None else str(device), None)[0]
 

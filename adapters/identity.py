@@ -34,71 +34,21 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.errors import RefgenError
 from engine.hashing import cached_sha256
 from engine.images import load_rgb
+from engine.request_types import CharacterReference, character_scales
 
 from .characters import FACE_CROP_SIZE, CharacterStore, unit_mean
 from .controlnet import ControlGuidance, ReadyControl, control_tensor
 from .faces import FaceAnalyzer, keypoints_image
 from .ip_adapter import AdapterFile, AdapterUse, IPAdapters, cfg_rows
-
-IdentityAdapterName = Literal["instantid", "faceid"]
-CharacterStrength = Literal["Low", "Mid", "High"]
-
-CHARACTER_WEIGHTS: dict[str, float] = {"Low": 0.33, "Mid": 0.99, "High": 1.66}
-DEFAULT_CHARACTER_WEIGHT = CHARACTER_WEIGHTS["Mid"]
-# weight -> (adapter scale, IdentityNet scale): the table above, interpolated linearly.
-_TABLE_WEIGHTS = (0.0, 0.33, 0.99, 1.66, 2.0)
-_TABLE_ADAPTER = (0.0, 0.40, 0.80, 1.00, 1.20)
-_TABLE_IDENTITYNET = (0.0, 0.30, 0.80, 1.00, 1.20)
-
-
-def character_scales(weight: float) -> tuple[float, float]:
-    """(adapter scale, IdentityNet scale) for a Character Reference weight 0-2."""
-    return (float(np.interp(weight, _TABLE_WEIGHTS, _TABLE_ADAPTER)),
-            float(np.interp(weight, _TABLE_WEIGHTS, _TABLE_IDENTITYNET)))
-
-
-class CharacterReference(BaseModel):
-    """The Character Reference of a request: a saved character by name, or 1-5 photos of one person."""
-
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=True)
-
-    name: Optional[str] = Field(default=None, min_length=1, max_length=64)
-    images: list[Union[str, Path, Image.Image]] = Field(default_factory=list, max_length=5)
-    weight: Optional[float] = Field(default=None, ge=0.0, le=2.0)
-    strength_type: Optional[CharacterStrength] = None
-    adapter: IdentityAdapterName = "instantid"
-    face_index: Optional[int] = Field(default=None, ge=0, le=63)  # which face of each photo; None: the largest
-    pose_image: Optional[Union[str, Path, Image.Image]] = None  # InstantID: face position/orientation from here
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "CharacterReference":
-        if self.weight is not None and self.strength_type is not None:
-            raise ValueError("give weight or strength_type, not both")
-        if (self.name is None) == (not self.images):
-            raise ValueError("a character reference needs a saved character `name` or `images` (one or the other)")
-        if self.face_index is not None and self.name is not None:
-            raise ValueError("face_index picks a face in `images`; a saved character's anchors are used as stored")
-        if self.pose_image is not None and self.adapter != "instantid":
-            raise ValueError("pose_image steers InstantID's keypoints; the faceid adapter has none")
-        return self
-
-    @property
-    def scale(self) -> float:
-        """The weight 0-2 this reference runs at."""
-        if self.weight is not None:
-            return self.weight
-        return CHARACTER_WEIGHTS[self.strength_type] if self.strength_type else DEFAULT_CHARACTER_WEIGHT
-
 
 # ------------------------------------------------------------------------------------- adapters
 

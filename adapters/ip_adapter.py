@@ -36,18 +36,13 @@ from typing import Literal, Optional, Union
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.conditioning import Guidance
-from engine.errors import RefgenError
 from engine import paths
 from engine.hashing import cached_sha256
 from engine.loading import check_pickle
 from engine.images import load_rgb, write_atomic
-
-StrengthType = Literal["Low", "Mid", "High", "Ultra", "Max"]
-STRENGTH_WEIGHTS: dict[str, float] = {"Low": 0.2, "Mid": 0.6, "High": 1.0, "Ultra": 1.4, "Max": 1.8}
-DEFAULT_WEIGHT = STRENGTH_WEIGHTS["High"]
+from engine.request_types import Reference
 
 IP_ADAPTER_ENTRY = "ip-adapter-sdxl"
 # The published variants: `vit-h` projects the CLIP image embedding to 4 tokens; `plus` resamples the
@@ -58,34 +53,6 @@ WEIGHT_FILES = {
 }
 IMAGE_ENCODER_FOLDER = "models/image_encoder"
 KINDS = ("style", "content")
-
-
-class ReferenceError(RefgenError):
-    """A reference that cannot be used (unknown kind, unusable image, adapter that does not fit)."""
-
-
-class Reference(BaseModel):
-    """One Style or Content Reference image of a request."""
-
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=True)
-
-    kind: Literal["style", "content"]
-    image: Union[str, Path, Image.Image]
-    weight: Optional[float] = Field(default=None, ge=0.0, le=2.0)
-    strength_type: Optional[StrengthType] = None
-    influence: float = Field(default=1.0, gt=0.0, le=100.0)  # style only: relative to the other style images
-
-    @model_validator(mode="after")
-    def _one_strength(self) -> "Reference":
-        if self.weight is not None and self.strength_type is not None:
-            raise ValueError("give weight or strength_type, not both")
-        return self
-
-    @property
-    def scale(self) -> float:
-        if self.weight is not None:
-            return self.weight
-        return STRENGTH_WEIGHTS[self.strength_type] if self.strength_type else DEFAULT_WEIGHT
 
 
 def block_scales(unet, kind: str, scale: float) -> dict:

@@ -51,7 +51,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from adapters.controlnet import normalise_type
+from engine.request_types import normalise_type
 from engine import paths
 from engine import weights as weights_module
 from engine.errors import InvalidImageError, RefgenError, UnsafeWeightsError, WeightsIntegrityError

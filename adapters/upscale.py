@@ -324,7 +324,7 @@ class Upscaler:
 
     def __init__(self, descriptor, info: UpscalerInfo, device: Union[str, torch.device, None] = None,
                  dtype: Union[str, torch.dtype, None] = None):
-        from engine.engine import pick_device
+        from engine.devices import pick_device
 
         try:
             self.device, self.dtype = pick_device(str(device) if device is not None else None, dtype)
@@ -358,10 +358,11 @@ class Upscaler:
             up.notice = TINY_NOTICE.format(name=name, what="nearest-neighbour, no detail added")
             return up
         if name in TINY_MODEL_REFERENCES:
-            from engine import paths, tiny
+            from engine import paths
+            from engine.tiny.components import components_dir, components_manifest
 
-            up = cls.load(TINY_MODEL_REFERENCES[name], device, dtype, manifest=tiny.components_manifest(),
-                          weights_dir=tiny.components_dir(paths.cache_dir()))
+            up = cls.load(TINY_MODEL_REFERENCES[name], device, dtype, manifest=components_manifest(),
+                          weights_dir=components_dir(paths.cache_dir()))
             up.notice = TINY_NOTICE.format(name=name, what="random Real-ESRGAN weights")
             return up
         path, entry = resolve_reference(reference, allow_pickle, manifest=manifest, weights_dir=weights_dir)

@@ -360,7 +360,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads or 1)  # see README, "Noisy 2-core machines"
         return smoke(args)
 
-    from engine.engine import pick_device
+    from engine.devices import pick_device
 
     base = PROFILES[args.profile]
     profile = Profile(

@@ -213,7 +213,7 @@ def run_controlnet(profile: Profile, device: torch.device, dtype: torch.dtype, s
     from diffusers import StableDiffusionXLControlNetPipeline
     from diffusers.models.controlnets import MultiControlNetModel
 
-    from adapters.controlnet import ControlUnit
+    from engine.request_types import ControlUnit
     from engine import GenerationRequest
     from engine.schedulers import build_scheduler
 
@@ -731,7 +731,7 @@ def main(argv=None) -> int:
         print(f"unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}", file=sys.stderr)
         return 2
 
-    from engine.engine import pick_device
+    from engine.devices import pick_device
 
     base = PROFILES[args.profile]
     profile = replace(

@@ -152,8 +152,8 @@ ENGINES = ("plain", "style", "style+content", "switching", "instantid", "faceid"
 
 
 def run(profile: Profile, device, dtype, seed: int, home: Path) -> dict:
-    from adapters.identity import CharacterReference
-    from adapters.ip_adapter import Reference
+    from engine.request_types import CharacterReference
+    from engine.request_types import Reference
     from engine import GenerationRequest
 
     start = time.perf_counter()
@@ -291,7 +291,7 @@ STEP_NAMES = {"cold": "cold (not cached)", "memory": "again, same IPAdapters (me
 
 def run_encoder(profile: Profile, engines: dict, device, dtype, weights: dict, cpu_peak: CpuPeak) -> dict:
     """Per round, a new image: each group's cold step, then its cached steps (see ENCODER_GROUPS)."""
-    from adapters.identity import CharacterReference
+    from engine.request_types import CharacterReference
     from adapters.ip_adapter import IPAdapters
     from engine import paths
 
@@ -561,7 +561,7 @@ def main(argv=None) -> int:
         update_results(args.results, report["label"], section(report))
         print(f"updated section {report['label']} of {args.results} from {args.from_json}")
         return 0
-    from engine.engine import pick_device
+    from engine.devices import pick_device
 
     base = PROFILES[args.profile]
     profile = replace(base, runs=args.runs or base.runs, encoder_runs=args.encoder_runs or base.encoder_runs,

@@ -1,8 +1,8 @@
 """refgen's engine: `from engine import Engine, GenerationRequest, ControlUnit, Reference, CharacterReference`.
 
-Names are resolved on first use, so that importing a leaf module (engine.errors, engine.weights)
-from an adapter does not pull in the whole engine, and adapters can depend on engine modules
-while the engine depends on adapters.
+Names are resolved on first use (PEP 562) for import cost, not to hide a cycle (engine/ and adapters/
+import each other in one direction only; tests/test_layering.py checks it): `import engine.api.server`
+or `engine.cli` must not load torch, diffusers and OpenCV before a command or a job needs them.
 """
 
 from importlib import import_module
@@ -12,9 +12,9 @@ _EXPORTS = {
     "GenerationResult": "engine.engine",
     "GenerationRequest": "engine.request",
     "LoraSpec": "engine.request",
-    "ControlUnit": "adapters.controlnet",
-    "Reference": "adapters.ip_adapter",
-    "CharacterReference": "adapters.identity",
+    "ControlUnit": "engine.request_types",
+    "Reference": "engine.request_types",
+    "CharacterReference": "engine.request_types",
     "StepInfo": "engine.sampling",
     "RefgenError": "engine.errors",
     "WeightsMissingError": "engine.errors",

@@ -14,68 +14,32 @@ import torch
 from PIL import Image, ImageOps
 
 from adapters import inpaint
-from adapters.controlnet import ControlNetLibrary, ControlUnit, build_guidance
-from adapters.identity import CharacterReference, Identity, IdentityAdapters, ranking
-from adapters.ip_adapter import IPAdapters, Reference
+from adapters.controlnet import ControlNetLibrary, build_guidance
+from .request_types import ControlUnit
+from adapters.identity import Identity, IdentityAdapters, ranking
+from .request_types import CharacterReference
+from adapters.ip_adapter import IPAdapters
+from .request_types import Reference
 from adapters.preprocess import Preprocessors, is_preprocessed
 from adapters.upscale import Upscaler
 
-from . import paths, tiny
+from . import paths
 from . import vae as vae_ops
 from .conditioning import Conditioning, encode_text, is_guided
-from .errors import DeviceError, ProvenanceError
+from .errors import ProvenanceError
 from .hashing import sha256_file
 from .images import load_rgb
 from .loading import ModelInfo, fp16_safe_vae, load_pipeline
+from .devices import pick_device
 from .lora import LoraSet
 from .provenance import build_metadata, package_versions, read_metadata, save_png
 from .request import GenerationRequest, ResolvedRequest, resolve
 from .sampling import StepCallback, denoise, initial_noise, schedule
 from .tiling import blend_tiles
+from .tiny.components import components_dir, components_manifest
 from .schedulers import SCHEDULERS, build_scheduler
 
 log = logging.getLogger("refgen")
-
-_DTYPES = {
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
-
-
-def pick_device(device: Optional[str], dtype: Union[str, torch.dtype, None]) -> tuple[torch.device, torch.dtype]:
-    """Default: CUDA in fp16 when there is a GPU, else CPU in fp32.
-
-    Raises DeviceError (a ValueError) for a device this machine does not have or a dtype it cannot run,
-    before any weights are read.
-    """
-    chosen = _usable_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype is None:
-        return chosen, torch.float16 if chosen.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        if dtype.lower() not in _DTYPES:
-            raise DeviceError(f"unknown dtype {dtype!r}; use one of fp16, bf16, fp32")
-        dtype = _DTYPES[dtype.lower()]
-    if chosen.type == "cpu" and dtype == torch.float16:
-        raise DeviceError("fp16 needs a GPU; on CPU use fp32 (default) or bf16")
-    return chosen, dtype
-
-
-def _usable_device(name: str) -> torch.device:
-    try:
-        chosen = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise DeviceError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if chosen.type not in ("cpu", "cuda", "mps"):
-        raise DeviceError(f"device type {chosen.type!r} is not supported; use cpu, cuda or cuda:N")
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"device {name!r} asked for, but torch sees no CUDA GPU on this machine; use cpu")
-    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
-        raise DeviceError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
-    if chosen.type == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError("device 'mps' asked for, but this machine has no Apple GPU")
-    return chosen
-
 
 @dataclass
 class GenerationResult:
@@ -505,7 +469,7 @@ def _component_sources(model: str) -> dict:
     first use, beside it in the cache), else the weights manifest and folder (keyword arguments of Engine)."""
     if model != "tiny":
         return {"manifest": None, "weights_dir": None}
-    return {"manifest": tiny.components_manifest(), "weights_dir": tiny.components_dir(paths.cache_dir())}
+    return {"manifest": components_manifest(), "weights_dir": components_dir(paths.cache_dir())}
 
 
 def _with_anchor(anchor: str, prompt: str) -> str:

@@ -18,7 +18,7 @@ from typing import Literal, Union
 
 from PIL import Image
 
-from adapters.controlnet import ControlUnit
+from .request_types import ControlUnit
 
 from .request import GenerationRequest
 

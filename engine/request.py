@@ -10,9 +10,7 @@ from typing import Any, Literal, Optional, Union
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from adapters.controlnet import ControlUnit
-from adapters.identity import CharacterReference
-from adapters.ip_adapter import Reference
+from .request_types import CharacterReference, ControlUnit, Reference
 
 from . import presets as preset_lib
 from . import schedulers

@@ -215,7 +215,7 @@ def build_random_sdxl_pipeline(device="cuda", dtype=None, seed: int = 0):
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    from .tiny import build_tiny_tokenizer
+    from .tiny.tokenizer import build_tiny_tokenizer
 
     device = torch.device(device)
     if dtype is None:

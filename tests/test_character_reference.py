@@ -17,10 +17,13 @@ from pydantic import ValidationError
 
 import tiny_faces as tf
 from adapters.characters import CharacterStore, UnknownCharacterError
-from adapters.controlnet import ControlUnit, fit_image
+from adapters.controlnet import fit_image
+from engine.request_types import ControlUnit
 from adapters.faces import FaceAnalyzer, FaceIndexError, NoFaceError, keypoints_image
-from adapters.identity import FACEID_LORA, CharacterReference, IdentityAdapters, character_scales
-from adapters.ip_adapter import IPAdapters, Reference
+from adapters.identity import FACEID_LORA, IdentityAdapters
+from engine.request_types import CharacterReference, character_scales
+from adapters.ip_adapter import IPAdapters
+from engine.request_types import Reference
 from engine import Engine, GenerationRequest
 from engine.errors import InvalidImageError, ProvenanceError, UnsafeWeightsError
 from test_faces import COMMITTED_MANIFEST

@@ -1,4 +1,4 @@
-"""Character profiles (adapters/characters.py, engine/cli_character.py): a named identity made once
+"""Character profiles (adapters/characters.py, engine/cli/character.py): a named identity made once
 from anchor photos and kept on disk as JSON + safetensors + PNGs, read back equal, listed, shown,
 deleted; names that could escape the store are refused; failures write nothing and leave an
 existing profile intact; the CLI wraps it all with one-line errors.
@@ -30,7 +30,7 @@ from adapters.characters import (
     score,
 )
 from adapters.faces import FaceAnalyzer, NoFaceError, identity_score
-from engine.cli_character import character_app
+from engine.cli.character import character_app
 from engine.errors import RefgenError
 from test_faces import COMMITTED_MANIFEST, astronaut, private_home  # noqa: F401  (fixtures, reused)
 

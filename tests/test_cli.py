@@ -57,9 +57,9 @@ def test_presets_list_and_show(refgen_home):
 
 
 def test_control_units_parse_type_image_weight_and_window():
-    from adapters.controlnet import ControlUnit
+    from engine.request_types import ControlUnit
 
-    from engine.cli import _control_unit
+    from engine.cli.main import _control_unit
 
     unit = ControlUnit(**_control_unit("edge:photos/c:at.png:0.8:0.1:0.9"))
     assert (unit.type, unit.image, unit.weight, unit.start, unit.end) == ("canny", "photos/c:at.png", 0.8, 0.1, 0.9)
@@ -96,9 +96,9 @@ def test_upscale_command_is_registered(refgen_home, tmp_path):
 
 
 def test_style_and_content_references_parse_weight_strength_and_influence():
-    from adapters.ip_adapter import Reference
+    from engine.request_types import Reference
 
-    from engine.cli import _reference
+    from engine.cli.main import _reference
 
     assert Reference(**_reference("style", "ink.png")).model_dump(exclude={"image"}) == {
         "kind": "style", "weight": None, "strength_type": None, "influence": 1.0}
@@ -108,9 +108,9 @@ def test_style_and_content_references_parse_weight_strength_and_influence():
 
 
 def test_character_options_name_a_profile_or_list_photos(tmp_path):
-    from adapters.identity import CharacterReference
+    from engine.request_types import CharacterReference
 
-    from engine.cli import _character
+    from engine.cli.main import _character
 
     photo = tmp_path / "me.jpg"
     Image.new("RGB", (8, 8)).save(photo)

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adapters.controlnet import ControlError, ControlUnit, fit_image
+from adapters.controlnet import ControlError, fit_image
+
+from engine.request_types import ControlUnit
 from conftest import generators
 from engine import Engine, GenerationRequest, WeightsMissingError
 from test_parity import TOLERANCE, _diffusers_scheduler, _init_image, _max_diff

@@ -437,7 +437,7 @@ def test_the_manifest_lists_both_packs_in_insightfaces_layout_with_published_has
 def test_refgen_weights_list_shows_the_packs_are_non_commercial(tmp_path):
     from typer.testing import CliRunner
 
-    from engine.cli_weights import weights_app
+    from engine.cli.weights import weights_app
 
     result = CliRunner().invoke(
         weights_app, ["list", "--manifest", str(COMMITTED_MANIFEST), "--weights-dir", str(tmp_path)],

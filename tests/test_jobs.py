@@ -22,11 +22,11 @@ import pytest
 from PIL import Image
 
 from engine.errors import RefgenError
-from engine.jobs import EngineRunner, Worker
-from engine.leonardo import ModelTable
+from engine.api.jobs import EngineRunner, Worker
+from engine.api.leonardo import ModelTable
 from engine.provenance import read_metadata
-from engine.server import PREFIX
-from engine.store import DATABASE_NAME, AssetStore, Generation, Output
+from engine.api.server import PREFIX
+from engine.api.store import DATABASE_NAME, AssetStore, Generation, Output
 
 KINO_XL = "aa77f04e-3eec-4034-9c07-d0f619684628"  # maps to sdxl-base in the built-in table
 BODY = {"prompt": "a red fox", "width": 64, "height": 64, "num_images": 2, "num_inference_steps": 2,

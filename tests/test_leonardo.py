@@ -10,11 +10,11 @@ import pytest
 from leonardo_ai_sdk.models import operations, shared
 from PIL import Image
 
-from adapters.controlnet import ControlUnit
-from adapters.identity import CharacterReference
-from adapters.ip_adapter import Reference
+from engine.request_types import ControlUnit
+from engine.request_types import CharacterReference
+from engine.request_types import Reference
 from engine.errors import RefgenError
-from engine.leonardo import (
+from engine.api.leonardo import (
     BUILTIN_MODELS, IGNORED, MAPPED, PREPROCESSORS, PRESET_STYLES, REFUSED, LeonardoConfigError, LeonardoRequestError,
     ModelTable, UnknownImageError, leonardo_scheduler, leonardo_style, local_model, parse_generation,
 )

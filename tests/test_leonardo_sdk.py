@@ -20,8 +20,8 @@ from leonardo_ai_sdk import LeonardoAiSDK
 from leonardo_ai_sdk.models import errors, operations, shared
 from leonardo_ai_sdk.types import BaseModel, Nullable, OptionalNullable
 
-from engine.server import PREFIX, service
-from engine.store import AssetStore
+from engine.api.server import PREFIX, service
+from engine.api.store import AssetStore
 from live_server import png_bytes, running_server
 
 KEY = "sdk-test-key"

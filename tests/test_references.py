@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from adapters.ip_adapter import STRENGTH_WEIGHTS, IPAdapters, Reference, block_scales
+from adapters.ip_adapter import IPAdapters, block_scales
+
+from engine.request_types import STRENGTH_WEIGHTS, Reference
 from conftest import generators
 from engine import Engine, GenerationRequest, WeightsMissingError
 from test_parity import TOLERANCE, _diffusers_scheduler, _max_diff

@@ -1,4 +1,4 @@
-"""The Leonardo-compatible local API (engine/server.py): a real uvicorn server end to end, restart-resume,
+"""The Leonardo-compatible local API (engine/api/server.py): a real uvicorn server end to end, restart-resume,
 auth, limits, unknown ids, path traversal, error shapes, the queue limit, and a fuzz test that no body
 or id makes a 500. Offline, CPU, the tiny model at 64x64 and 2 steps."""
 
@@ -16,10 +16,10 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from engine.jobs import EngineRunner, Worker
+from engine.api.jobs import EngineRunner, Worker
 from engine.provenance import read_metadata
-from engine.server import PREFIX, ServeError, check_bind, create_app
-from engine.store import AssetStore
+from engine.api.server import PREFIX, ServeError, check_bind, create_app
+from engine.api.store import AssetStore
 from live_server import png_bytes as _png
 from live_server import running_server
 from tiny_controlnet import save_tiny_controlnet
@@ -164,7 +164,7 @@ def test_restart_resumes_queued_and_interrupted_jobs_exactly_once(tmp_path, engi
 def test_upscale_variation_flow(store, engine, tmp_path):
     class FakeUpscaler:  # ESRGAN weights are not available offline; the server's part is the flow
         def __call__(self, job):
-            from engine.store import Output
+            from engine.api.store import Output
 
             source = store.generated_image(job.body["id"])
             return [Output(png=source.path.read_bytes(), seed=source.seed, metadata=source.metadata)]
@@ -384,8 +384,8 @@ def test_refgen_serve_refuses_a_public_host_without_a_key(monkeypatch):
 def test_serve_starts_the_worker_and_stops_it_on_shutdown(tmp_path, monkeypatch):
     import uvicorn
 
-    import engine.jobs
-    from engine.server import serve
+    import engine.api.jobs
+    from engine.api.server import serve
 
     events = []
 
@@ -406,7 +406,7 @@ def test_serve_starts_the_worker_and_stops_it_on_shutdown(tmp_path, monkeypatch)
         events.append(f"uvicorn on {self.config.host}:{self.config.port}")
         raise KeyboardInterrupt  # as if Ctrl-C ended the server abruptly
 
-    monkeypatch.setattr(engine.jobs, "Worker", FakeWorker)
+    monkeypatch.setattr(engine.api.jobs, "Worker", FakeWorker)
     monkeypatch.setattr(uvicorn.Server, "run", fake_run)
     with AssetStore(tmp_path / "api") as store, pytest.raises(KeyboardInterrupt):
         serve(port=9999, store=store)

@@ -1,4 +1,4 @@
-"""Contact sheets (adapters/sheet.py, engine/cli_sheet.py): the grid's geometry, captions read from
+"""Contact sheets (adapters/sheet.py, engine/cli/sheet.py): the grid's geometry, captions read from
 refgen's PNG metadata (real PNGs from the built-in tiny engine), tiles for plain PNGs, ranking by
 identity score against a character made with the tiny face pack of tests/tiny_faces.py ("no face" for
 a black picture), and the CLI command's output file and one-line errors. Offline, CPU.
@@ -26,7 +26,7 @@ from adapters.sheet import (
     sheet_size,
     tile_box,
 )
-from engine.cli_sheet import sheet
+from engine.cli.sheet import sheet
 from engine.errors import InvalidImageError
 from engine.provenance import read_metadata, save_png
 from test_characters import analyzer, blank, mirrored, pack_dir, photos  # noqa: F401  (fixtures, reused)

@@ -19,7 +19,7 @@ from engine.errors import InvalidImageError
 from engine.hashing import cached_sha256
 from engine.images import staging_path
 from engine.presets import Preset, save_user_preset
-from engine.store import (
+from engine.api.store import (
     DATABASE_NAME, SCHEMA_VERSION, AssetStore, Output, StoreError, UnknownAssetError,
 )
 
@@ -210,7 +210,7 @@ def test_complete_after_delete_leaves_no_files(store):
 def test_complete_deleted_between_write_and_commit(store, monkeypatch):
     """The race the pre-check cannot see: the job is deleted while its files are being written."""
     job = store.create_generation({"prompt": "x"})
-    import engine.store as store_module
+    import engine.api.store as store_module
 
     real_write = store_module.write_atomic
 
@@ -301,7 +301,7 @@ def test_characters(store, tmp_path):
 def test_a_bounded_queue_never_overshoots_under_simultaneous_callers(store):
     from concurrent.futures import ThreadPoolExecutor
 
-    from engine.store import QueueFullError
+    from engine.api.store import QueueFullError
 
     def attempt(_):
         try:

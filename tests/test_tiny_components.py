@@ -1,6 +1,6 @@
 """The tiny model's stand-in components, ControlNet registration, the public imports, and an offline fetch.
 
-The stand-ins are built by `engine.weights.require` from the recipes in `engine.tiny.components_manifest()`
+The stand-ins are built by `engine.weights.require` from the recipes in `engine.tiny.components.components_manifest()`
 and read back through the loaders real weights go through (spandrel for ESRGAN, diffusers for ControlNets
 and IP-Adapters, insightface for the face packs).
 """
@@ -19,6 +19,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from engine import paths, tiny, weights
+from engine.tiny.components import components_dir, components_manifest
 
 CPU, FP32 = torch.device("cpu"), torch.float32
 HEAVY = {"annotators-openpose"}  # controlnet-aux's fixed-size networks: 255 MB, built only when pose needs them
@@ -27,7 +28,7 @@ HEAVY = {"annotators-openpose"}  # controlnet-aux's fixed-size networks: 255 MB,
 @pytest.fixture(scope="module")
 def kit(refgen_home):
     """(manifest, folder) of the stand-ins, where `Engine.load("tiny")` looks for them."""
-    return tiny.components_manifest(), tiny.components_dir(paths.cache_dir())
+    return components_manifest(), components_dir(paths.cache_dir())
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +103,9 @@ def test_the_stand_ins_steer_the_picture(tiny_engine, picture):
 
 def test_the_request_types_are_importable_from_engine():
     import engine
-    from adapters.controlnet import ControlUnit
-    from adapters.identity import CharacterReference
-    from adapters.ip_adapter import Reference
+    from engine.request_types import ControlUnit
+    from engine.request_types import CharacterReference
+    from engine.request_types import Reference
 
     assert (engine.ControlUnit, engine.Reference, engine.CharacterReference) == (ControlUnit, Reference, CharacterReference)
     assert {"ControlUnit", "Reference", "CharacterReference"} <= set(engine.__all__)

@@ -30,7 +30,7 @@ from adapters.upscale import (
     load_image,
     tile_starts,
 )
-from engine.cli_upscale import METADATA_KEY, upscale
+from engine.cli.upscale import METADATA_KEY, upscale
 from engine.errors import InvalidImageError, UnknownModelError, UnsafeWeightsError, WeightsMissingError
 from esrgan_layouts import (
     compact_state_dict,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from engine.cli_weights import weights_app
+from engine.cli.weights import weights_app
 from engine.errors import RefgenError, UnknownModelError, WeightsIntegrityError, WeightsMissingError
 from engine.weights import (
     LOCK_FILE_NAME,
@@ -339,7 +339,7 @@ def test_sha256_file_matches_hashlib_across_chunks(tmp_path: Path) -> None:
 
 
 def test_importing_the_module_does_not_import_huggingface_hub() -> None:
-    code = "import sys, engine.weights, engine.cli_weights; print('huggingface_hub' in sys.modules)"
+    code = "import sys, engine.weights, engine.cli.weights; print('huggingface_hub' in sys.modules)"
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env, check=True)

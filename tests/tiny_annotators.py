@@ -1,5 +1,5 @@
 """Random-weight preprocessor weights in the published file layouts (the product's builders,
-engine/tiny_annotators.py), and a manifest that lists them.
+engine/tiny/annotators.py), and a manifest that lists them.
 
 Layouts (what refgen's loaders must accept, taken from the code that loads the published files):
 - `body_pose_model.pth` / `hand_pose_model.pth` (lllyasviel/Annotators): pytorch-openpose's conversion
@@ -23,7 +23,7 @@ import hashlib
 from pathlib import Path
 from typing import Optional
 
-from engine.tiny_annotators import save_hed, save_lineart, save_openpose_body, save_tiny_depth_model  # noqa: F401
+from engine.tiny.annotators import save_hed, save_lineart, save_openpose_body, save_tiny_depth_model  # noqa: F401
 
 
 def sha256(path: Path) -> str:

@@ -1,5 +1,5 @@
 """A tiny IP-Adapter FaceID-Plus-v2 for the tiny SDXL, in the published h94/IP-Adapter-FaceID layout: the
-product's builders (engine/tiny_adapters.py; the tiny model's FaceID stand-in is built the same way).
+product's builders (engine/tiny/adapters.py; the tiny model's FaceID stand-in is built the same way).
 
 Layout of h94/IP-Adapter-FaceID `ip-adapter-faceid-plusv2_sdxl.bin` (a torch pickle holding the nested dict
 {"image_proj": {...}, "ip_adapter": {...}}; we write the same keys flattened with the `image_proj.` /
@@ -42,8 +42,8 @@ The author states the .bin "includes the adapter and lora", so the LoRA here liv
 
 from __future__ import annotations
 
-from engine.tiny_adapters import DIM_HEAD  # noqa: F401
-from engine.tiny_adapters import FACEID_NUM_TOKENS as NUM_TOKENS  # noqa: F401
-from engine.tiny_adapters import FACEID_WEIGHT_NAME as WEIGHT_NAME  # noqa: F401
-from engine.tiny_adapters import RESAMPLER_DEPTH as DEPTH  # noqa: F401
-from engine.tiny_adapters import save_tiny_faceid, tiny_faceid_plusv2_state_dict  # noqa: F401
+from engine.tiny.adapters import DIM_HEAD  # noqa: F401
+from engine.tiny.adapters import FACEID_NUM_TOKENS as NUM_TOKENS  # noqa: F401
+from engine.tiny.adapters import FACEID_WEIGHT_NAME as WEIGHT_NAME  # noqa: F401
+from engine.tiny.adapters import RESAMPLER_DEPTH as DEPTH  # noqa: F401
+from engine.tiny.adapters import save_tiny_faceid, tiny_faceid_plusv2_state_dict  # noqa: F401

@@ -1,7 +1,7 @@
 """Tiny stand-ins for insightface's model packs for the face tests: the product's builders
-(engine/tiny_faces.py, which the tiny model's packs use too) with the tests' faces and pack layout.
+(engine/tiny/faces.py, which the tiny model's packs use too) with the tests' faces and pack layout.
 
-* `save_tiny_arcface` / `save_constant_scrfd`: a random ArcFace and a constant SCRFD (engine/tiny_faces.py).
+* `save_tiny_arcface` / `save_constant_scrfd`: a random ArcFace and a constant SCRFD (engine/tiny/faces.py).
 * `write_pack(weights_dir, faces, entry_name=...)`: both files at the paths the committed manifest gives
   the pack, so `FaceAnalyzer.load` finds them through `engine.weights.require` like real weights.
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from engine import tiny_faces as product
-from engine.tiny_faces import ANCHORS, DET_SIZE, STRIDES, FaceSpec, save_tiny_arcface  # noqa: F401
+from engine.tiny import faces as product
+from engine.tiny.faces import ANCHORS, DET_SIZE, STRIDES, FaceSpec, save_tiny_arcface  # noqa: F401
 
 # skimage.data.astronaut() (512x512): Eileen Collins' face, measured on the picture. Box from the
 # hairline to the chin and cheek to cheek; keypoints in insightface's order: the eye on the image's
@@ -51,13 +51,13 @@ TINY_FACE = scaled_face((200.0, 80.0, 240.0, 128.0), score=0.9)  # 40 x 48 px
 
 
 def encode_faces(faces: Sequence[FaceSpec], image_size: tuple[int, int] = ASTRONAUT_SIZE, det_size: int = DET_SIZE):
-    """engine.tiny_faces.encode_faces, for pictures the size of the astronaut by default."""
+    """engine.tiny.faces.encode_faces, for pictures the size of the astronaut by default."""
     return product.encode_faces(faces, image_size, det_size)
 
 
 def save_constant_scrfd(path: Path | str, faces: Sequence[FaceSpec], image_size: tuple[int, int] = ASTRONAUT_SIZE,
                         det_size: int = DET_SIZE) -> Path:
-    """engine.tiny_faces.save_constant_scrfd, faces given in the astronaut picture's pixels by default."""
+    """engine.tiny.faces.save_constant_scrfd, faces given in the astronaut picture's pixels by default."""
     return product.save_constant_scrfd(path, faces, image_size, det_size)
 
 

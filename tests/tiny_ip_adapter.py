@@ -1,12 +1,12 @@
 """A tiny IP-Adapter for the tiny SDXL in the published h94/IP-Adapter layout: the product's builders
-(engine/tiny_adapters.py, which documents the layout), plus the helpers the layout tests share."""
+(engine/tiny/adapters.py, which documents the layout), plus the helpers the layout tests share."""
 
 from __future__ import annotations
 
 import torch
 
-from engine.tiny_adapters import IP_NUM_TOKENS as NUM_TOKENS  # noqa: F401
-from engine.tiny_adapters import (  # noqa: F401
+from engine.tiny.adapters import IP_NUM_TOKENS as NUM_TOKENS  # noqa: F401
+from engine.tiny.adapters import (  # noqa: F401
     build_tiny_image_encoder,
     resampler_state_dict,
     save_tiny_ip_adapter,

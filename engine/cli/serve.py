@@ -1,6 +1,6 @@
 """`refgen serve [--host H] [--port P] [--api-key KEY] [--model M] [--device D] [--dtype T]`
 
-The Leonardo-compatible local HTTP API (engine/server.py). A plain typer command function; the
+The Leonardo-compatible local HTTP API (engine/api/server.py). A plain typer command function; the
 main CLI mounts it with `app.command()(serve)`. Without an API key it listens on loopback only.
 """
 
@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli_errors import refgen_errors
+from .error_lines import refgen_errors
 
 
 def serve(
@@ -32,7 +32,7 @@ def serve(
       refgen serve --host 0.0.0.0 --api-key "$(openssl rand -hex 16)"
       refgen serve --model tiny --port 9000         # offline smoke server
     """
-    from .server import serve as run_server
+    from ..api.server import serve as run_server
 
     with refgen_errors(tiny_model=True):
         run_server(host, port, api_key or None, model, device, dtype, upscaler=upscaler, max_queue=max_queue)

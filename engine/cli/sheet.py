@@ -14,9 +14,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli_errors import fail, refgen_errors
-from .errors import InvalidImageError
-from .images import write_atomic
+from .error_lines import fail, refgen_errors
+from ..errors import InvalidImageError
+from ..images import write_atomic
 
 
 def sheet(

@@ -9,8 +9,8 @@ lists them under the real manifest names (ControlNets, ControlNet-Union, the inp
 Real-ESRGAN, IP-Adapter and its CLIP image encoder, InstantID, FaceID-Plus-v2, the insightface
 packs, the preprocessors' networks), each with a recipe that writes it in its published file
 layout. `engine.weights.require` runs a recipe on first use, under the tiny model's cache folder,
-and the engine loads the result through the same loaders as fetched weights. The recipes live here
-and in engine/tiny_adapters.py, engine/tiny_faces.py and engine/tiny_annotators.py.
+and the engine loads the result through the same loaders as fetched weights. The registry is engine/tiny/components.py;
+the recipes live here and in engine/tiny/adapters.py, faces.py and annotators.py.
 """
 
 from __future__ import annotations
@@ -18,17 +18,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from .sdxl_configs import SDXL_SCHEDULER_CONFIG
-
-if TYPE_CHECKING:
-    from .weights import Manifest
+from ..sdxl_configs import SDXL_SCHEDULER_CONFIG
+from .tokenizer import BOS, EOS, VOCAB_SIZE, build_tiny_tokenizer
 
 TINY_NOTICE = "the 'tiny' model has random weights: it makes noise, not pictures (smoke runs only)"
 
@@ -89,15 +84,15 @@ def _text_config(hidden: int, projection: int):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        bos_token_id=_BOS,
-        eos_token_id=_EOS,
-        pad_token_id=_EOS,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
         hidden_size=hidden,
         intermediate_size=37,
         layer_norm_eps=1e-05,
         num_attention_heads=4,
         num_hidden_layers=2,  # SDXL reads hidden_states[-2]
-        vocab_size=_VOCAB_SIZE,
+        vocab_size=VOCAB_SIZE,
         max_position_embeddings=77,
         hidden_act="gelu",
         projection_dim=projection,
@@ -111,42 +106,6 @@ def build_tiny_text_encoders(seed: int = 2):
     te1 = CLIPTextModel(_text_config(_TE1_HIDDEN, _TE1_HIDDEN))
     te2 = CLIPTextModelWithProjection(_text_config(_TE2_HIDDEN, _TE2_PROJECTION))
     return te1.eval(), te2.eval()
-
-
-def _byte_symbols() -> list[str]:
-    """The 256 printable stand-ins CLIP's byte-level BPE uses for raw bytes."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    symbols, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            symbols[byte] = chr(byte)
-        else:
-            symbols[byte] = chr(256 + extra)
-            extra += 1
-    return list(symbols.values())
-
-
-def _byte_vocab() -> dict[str, int]:
-    symbols = _byte_symbols()
-    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    return {token: index for index, token in enumerate(tokens)}
-
-
-_VOCAB_SIZE = 2 * 256 + 2
-_BOS, _EOS = _VOCAB_SIZE - 2, _VOCAB_SIZE - 1
-
-
-def build_tiny_tokenizer():
-    """A byte-level CLIP tokenizer (no merges): every character is a token."""
-    from transformers import CLIPTokenizer
-
-    # transformers 5 ignores vocab_file/merges_file arguments: pass the vocab itself.
-    return CLIPTokenizer(
-        vocab=_byte_vocab(),
-        merges=[],
-        model_max_length=77,
-        pad_token="<|endoftext|>",
-    )
 
 
 def build_tiny_pipeline(seed: int = 0):
@@ -192,15 +151,6 @@ def ensure_tiny_model(cache_dir: Path) -> Path:
 
 
 # ------------------------------------------------------------------------- stand-in components
-
-COMPONENTS_FOLDER = "tiny-sdxl-components-v1"  # bump when a recipe changes what it writes
-COMPONENTS_NOTICE = "random-weight stand-in of the tiny model (smoke runs only)"
-
-
-def components_dir(cache_dir: Path) -> Path:
-    """Where the tiny model's stand-in components are built, beside the tiny model itself."""
-    return Path(cache_dir) / COMPONENTS_FOLDER
-
 
 def randomise(layers) -> None:
     """Give zero-initialised layers random weights. ControlNet's zero-convs (and the union model's
@@ -303,54 +253,3 @@ def save_tiny_realesrgan(folder: Path, scale: int) -> Path:
     path = folder / f"RealESRGAN_x{scale}plus.safetensors"
     save_file(realesrgan_state_dict(scale, seed=scale), path)
     return path
-
-
-def _with_unet(save: Callable, **options) -> Callable[[Path], object]:
-    """A recipe that needs the tiny model's UNet (ControlNets and adapters are shaped by it)."""
-    return lambda folder: save(build_tiny_unet(0), folder, **options)
-
-
-def _components() -> list[tuple[str, str, str, tuple[str, ...], Callable[[Path], object]]]:
-    """(manifest name, kind, local_dir, files, recipe) of every stand-in; names and folders as in
-    weights/manifest.toml, files in the layout the engine's loaders read."""
-    from . import tiny_adapters as adapters
-    from . import tiny_annotators as annotators
-    from . import tiny_faces as faces
-
-    controlnet = ("config.json", "diffusion_pytorch_model.safetensors")
-    return [
-        ("controlnet-canny-sdxl", "controlnet", "controlnet-canny-sdxl", controlnet, _with_unet(save_tiny_controlnet, seed=10)),
-        ("controlnet-depth-sdxl", "controlnet", "controlnet-depth-sdxl", controlnet, _with_unet(save_tiny_controlnet, seed=11)),
-        ("controlnet-openpose-sdxl", "controlnet", "controlnet-openpose-sdxl", controlnet, _with_unet(save_tiny_controlnet, seed=12)),
-        ("controlnet-union-sdxl", "controlnet", "controlnet-union-sdxl",
-         ("config_promax.json", "diffusion_pytorch_model_promax.safetensors"), save_tiny_union_promax),
-        ("sdxl-inpainting", "unet", "sdxl-inpainting", ("unet/config.json", "unet/diffusion_pytorch_model.safetensors"),
-         save_tiny_inpaint_unet),
-        ("realesrgan-x4plus", "upscaler", "realesrgan", ("RealESRGAN_x4plus.safetensors",), partial(save_tiny_realesrgan, scale=4)),
-        ("realesrgan-x2plus", "upscaler", "realesrgan", ("RealESRGAN_x2plus.safetensors",), partial(save_tiny_realesrgan, scale=2)),
-        ("ip-adapter-sdxl", "ip-adapter", "ip-adapter", adapters.IP_ADAPTER_FILES, _with_unet(adapters.save_tiny_ip_adapters)),
-        ("ip-adapter-faceid-plusv2-sdxl", "ip-adapter", "ip-adapter-faceid", (adapters.FACEID_WEIGHT_NAME,),
-         _with_unet(adapters.save_tiny_faceid)),
-        ("instantid", "instantid", "instantid", adapters.INSTANTID_FILES, _with_unet(adapters.save_tiny_instantid_folder)),
-        ("insightface-antelopev2", "face-analysis", "insightface/models/antelopev2", faces.ANTELOPEV2_FILES,
-         partial(faces.save_tiny_pack, files=faces.ANTELOPEV2_FILES)),
-        ("insightface-buffalo-l", "face-analysis", "insightface", faces.BUFFALO_L_FILES,
-         partial(faces.save_tiny_pack, files=faces.BUFFALO_L_FILES, seed=1)),
-        ("depth-anything-v2-small", "depth-estimator", "depth-anything-v2-small", annotators.DEPTH_FILES,
-         annotators.save_tiny_depth_model),
-        ("annotators-openpose", "annotator", "annotators-openpose", annotators.OPENPOSE_FILES, annotators.save_openpose),
-        ("annotators-hed", "annotator", "annotators-hed", ("ControlNetHED.pth",), annotators.save_hed_folder),
-        ("annotators-lineart", "annotator", "annotators-lineart", annotators.LINEART_FILES, annotators.save_lineart_folder),
-    ]
-
-
-def components_manifest() -> Manifest:
-    """The stand-ins as a weights manifest: pass it, with `components_dir(cache)`, wherever a loader
-    takes `manifest=` / `weights_dir=`, and each component is built on its first `require`."""
-    from .weights import Manifest, ManifestEntry, WeightFile
-
-    return Manifest(entries=tuple(
-        ManifestEntry(name=name, kind=kind, description=COMPONENTS_NOTICE, repo="refgen/tiny", revision="built-in",
-                      license="Apache-2.0", local_dir=local_dir, files=tuple(WeightFile(path=f) for f in files), build=recipe)
-        for name, kind, local_dir, files, recipe in _components()
-    ))

@@ -36,9 +36,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
-from . import paths
-from .errors import RefgenError
-from .images import STAGING_NAME, load_rgb, write_atomic
+from .. import paths
+from ..errors import RefgenError
+from ..images import STAGING_NAME, load_rgb, write_atomic
 
 Status = Literal["PENDING", "COMPLETE", "FAILED"]
 JobKind = Literal["generation", "upscale"]

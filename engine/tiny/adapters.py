@@ -194,7 +194,7 @@ def save_tiny_instantid(unet, root: Path, pickle: bool = False, seed: int = 31) 
 
 def save_tiny_identitynet(unet, root: Path, seed: int = 32) -> Path:
     """root/ControlNetModel (config.json + diffusion_pytorch_model.safetensors); returns that folder."""
-    from .tiny import save_tiny_controlnet
+    from . import save_tiny_controlnet
 
     return save_tiny_controlnet(unet, Path(root) / IDENTITYNET_FOLDER, seed=seed)
 

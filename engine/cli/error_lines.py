@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import RefgenError, WeightsMissingError
+from ..errors import RefgenError, WeightsMissingError
 
 
 def fail(message: str) -> NoReturn:

@@ -14,12 +14,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .cli_character import character_app
-from .cli_errors import refgen_errors
-from .cli_serve import serve
-from .cli_sheet import sheet
-from .cli_upscale import upscale
-from .cli_weights import weights_app
+from .character import character_app
+from .error_lines import refgen_errors
+from .serve import serve
+from .sheet import sheet
+from .upscale import upscale
+from .weights import weights_app
 
 app = typer.Typer(help="refgen: local SDXL image generation with references, reproducible to the bit.", no_args_is_help=True)
 presets_app = typer.Typer(help="Built-in and user presets.", no_args_is_help=True)
@@ -35,7 +35,7 @@ DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cuda, cud
 DtypeOption = Annotated[Optional[str], typer.Option("--dtype", help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU).")]
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs (created if missing).", file_okay=False)]
 
-# Request field -> the option a user types, so validation errors name the flag (see cli_errors).
+# Request field -> the option a user types, so validation errors name the flag (see error_lines.py).
 GENERATE_FLAGS = MappingProxyType({
     "prompt": "PROMPT", "negative_prompt": "--negative", "aspect_ratio": "--aspect", "width": "--width",
     "height": "--height", "num_images": "--n", "seed": "--seed", "steps": "--steps", "guidance_scale": "--guidance",
@@ -83,7 +83,7 @@ def _quiet_libraries() -> Iterator[None]:
 
 def _load_engine(model: str, device, dtype, allow_pickle=False, offload=False, compile=False, vae_tiling=False, attention="auto",
                  controlnets: Optional[dict[str, str]] = None):
-    from . import Engine
+    from .. import Engine
 
     console = Console(stderr=True)
     with console.status(f"loading {model} ..."):
@@ -93,7 +93,7 @@ def _load_engine(model: str, device, dtype, allow_pickle=False, offload=False, c
 
 def _controlnet_models(values: Optional[list[str]]) -> dict[str, str]:
     """--controlnet-model canny=./my-cn ... -> {"canny": "./my-cn"}; the folders are checked by Engine.load."""
-    from adapters.controlnet import canonical_type
+    from ..request_types import canonical_type
 
     models = {}
     for text in values or []:
@@ -174,7 +174,7 @@ def generate(
       refgen generate "a castle at dusk" --preset cinematic --mode quality --negative "blurry, text"
       refgen generate "a watercolor harbour" --model tiny --steps 2 --width 64 --height 64   # offline smoke run
     """
-    from . import GenerationRequest
+    from .. import GenerationRequest
 
     with refgen_errors(GENERATE_FLAGS, tiny_model=model != "tiny"):  # never offer what was given
         request = GenerationRequest(
@@ -205,7 +205,7 @@ def _generate_and_save(engine, request, out: Path) -> None:
 
 def _check_inputs(request, allow_pickle: bool) -> None:
     """Read every input file before the model loads: a typo costs a second, not a model load."""
-    from .images import load_rgb
+    from ..images import load_rgb
 
     for source, label in _input_images(request):
         load_rgb(source, label)
@@ -229,8 +229,8 @@ def _input_images(request) -> list[tuple[Any, str]]:
 
 
 def _check_lora(path_text: str, allow_pickle: bool) -> None:
-    from .loading import check_pickle
-    from .lora import LoraError
+    from ..loading import check_pickle
+    from ..lora import LoraError
 
     path = Path(path_text).expanduser()
     if not path.is_file():
@@ -241,7 +241,7 @@ def _check_lora(path_text: str, allow_pickle: bool) -> None:
 def _control_unit(text: str) -> dict:
     """'canny:edges.png:0.8:0:0.9' -> ControlUnit fields (weight, start and end optional), validated with
     the request so errors name --control."""
-    from .request import is_number
+    from ..request import is_number
 
     kind, _, rest = text.partition(":")
     parts = rest.rsplit(":", 3)
@@ -255,7 +255,7 @@ def _control_unit(text: str) -> dict:
 def _character(values: Optional[list[str]], strength: Optional[str], adapter: str, pose: Optional[Path],
                face_index: Optional[int]) -> Optional[dict]:
     """--character NAME, or --character photo.jpg [--character photo2.jpg ...] -> CharacterReference fields."""
-    from .request import is_number
+    from ..request import is_number
 
     if not values:
         if strength or pose or face_index is not None:
@@ -277,9 +277,9 @@ def _is_photo(value: str) -> bool:
 
 def _reference(kind: str, text: str) -> dict:
     """'ink.png:High:2' / 'ink.png:0.8' / 'ink.png' -> Reference fields."""
-    from adapters.ip_adapter import STRENGTH_WEIGHTS
+    from ..request_types import STRENGTH_WEIGHTS
 
-    from .request import is_number
+    from ..request import is_number
 
     parts = text.split(":")
     fields: dict = {}
@@ -317,7 +317,7 @@ def remix(
       refgen remix room.png "a cosy cabin interior" --control depth --init-strength 0.2 -n 3
       refgen remix sketch.png "an oil painting" --control-weight 1.0 --preset cinematic --seed 11
     """
-    from .remix import remix_request
+    from ..remix import remix_request
 
     with refgen_errors(REMIX_FLAGS, tiny_model=model != "tiny"):
         request = remix_request(image, prompt, control=control, init_strength=init_strength, control_weight=control_weight,
@@ -345,8 +345,8 @@ def replay(
     import numpy as np
     from PIL import Image
 
-    from .images import load_rgb
-    from .provenance import read_metadata
+    from ..images import load_rgb
+    from ..provenance import read_metadata
 
     with refgen_errors(tiny_model=True):
         meta = read_metadata(image)
@@ -377,8 +377,8 @@ def list_presets() -> None:
       refgen presets list
       refgen generate "a fox" --preset anime
     """
-    from . import paths
-    from .presets import all_presets, builtin_presets
+    from .. import paths
+    from ..presets import all_presets, builtin_presets
 
     with refgen_errors():
         builtin = builtin_presets()
@@ -400,7 +400,7 @@ def show_preset(name: Annotated[str, typer.Argument(help="A preset name (any cas
       refgen presets show cinematic
       refgen presets show PORTRAIT
     """
-    from .presets import get_preset
+    from ..presets import get_preset
 
     with refgen_errors():
         preset = get_preset(name)
@@ -413,9 +413,6 @@ def _text(value) -> str:
     return "" if value is None else escape(str(value))
 
 
-app.command()(upscale)  # defined in cli_upscale.py / cli_sheet.py; registered last so `refgen --help` lists generate first
+app.command()(upscale)  # defined in upscale.py / sheet.py; registered last so `refgen --help` lists generate first
 app.command()(sheet)
 app.command()(serve)
-
-if __name__ == "__main__":
-    app()

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .cli_errors import refgen_errors
+from .error_lines import refgen_errors
 
 character_app = typer.Typer(
     help="Character profiles: a named face identity (3-5 anchor photos + an identity anchor string).",

@@ -23,10 +23,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Optional, Protocol
 
-from .errors import RefgenError
-from .images import load_rgb
+from ..errors import RefgenError
+from ..images import load_rgb
 from .leonardo import LeonardoRequestError, ModelTable, local_model, parse_generation
-from .provenance import png_bytes
+from ..provenance import png_bytes
 from .store import AssetStore, Generation, Output, StoreError, UnknownAssetError
 
 log = logging.getLogger("refgen.jobs")
@@ -52,7 +52,7 @@ def _number(value: Any) -> Optional[float]:
 
 
 def _default_load_engine(name: str):
-    from .engine import Engine  # torch and diffusers only when a real engine is wanted
+    from ..engine import Engine  # torch and diffusers only when a real engine is wanted
 
     return Engine.load(name)
 

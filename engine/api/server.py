@@ -23,7 +23,7 @@ Every path is under /api/rest/v1, so a Leonardo client works after changing its 
 
 Answers are checked against the official SDKs' models (leonardo-ai-sdk, @leonardo-ai/sdk;
 tests/test_leonardo_sdk.py): enum fields carry Leonardo's values (scheduler, presetStyle: see
-engine/leonardo.py), and a Leonardo key without a value is left out rather than sent as null (the SDKs
+engine/api/leonardo.py), and a Leonardo key without a value is left out rather than sent as null (the SDKs
 allow every key to be absent, but null only in some). refgen-only facts sit under "refgen", which the
 SDKs ignore. A FAILED job's reason is also the answer's top-level "error", next to the record:
 Leonardo's schemas have no field for it, and "error" is where Leonardo's (and refgen's) error answers
@@ -62,7 +62,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from .errors import InvalidImageError, RefgenError
+from ..errors import InvalidImageError, RefgenError
 from .leonardo import LeonardoRequestError, ModelTable, leonardo_scheduler, leonardo_style, parse_generation
 from .store import (DEFAULT_USER, IMAGE_EXTENSIONS, AssetStore, Generation, GeneratedImage, QueueFullError, StoreError,
                     UnknownAssetError)
@@ -103,7 +103,7 @@ def create_app(store: AssetStore, worker=None, *, api_key: Optional[str] = None,
                max_pixels: int = 40_000_000, max_queue: int = 64, models: Optional[ModelTable] = None) -> FastAPI:
     """The API over `store`; `worker.notify()` is called whenever a job is queued (worker None: jobs only queue)."""
     app = FastAPI(title="refgen local API", version="1",
-                  description="Leonardo.ai-compatible REST v1 API over a local SDXL engine. See engine/server.py.")
+                  description="Leonardo.ai-compatible REST v1 API over a local SDXL engine. See engine/api/server.py.")
     context = _Context(store, worker, models or ModelTable.load(), max_upload_bytes, max_pixels, max_queue)
     app.include_router(_api_router(context), prefix=PREFIX, dependencies=[Depends(_authoriser(api_key))])
     app.include_router(_public_router(context), prefix=PREFIX)
@@ -503,7 +503,7 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key: Optional[s
 
     check_bind(host, api_key)
     if device or dtype:  # refused before listening, not at the first job
-        from .engine import pick_device
+        from ..devices import pick_device
 
         pick_device(device, dtype)
     app, worker = service(store or AssetStore(), api_key=api_key, model=model, device=device, dtype=dtype,
@@ -541,7 +541,7 @@ def service(store: AssetStore, *, api_key: Optional[str] = None, model: Optional
 
 def _engine_loader(device: Optional[str], dtype: Optional[str]):
     def load_engine(name: str):
-        from .engine import Engine
+        from ..engine import Engine
 
         return Engine.load(name, device, dtype)
 

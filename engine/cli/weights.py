@@ -15,8 +15,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from engine import paths, weights
-from engine.cli_errors import fail as _fail
-from engine.cli_errors import refgen_errors as _refgen_errors
+from engine.cli.error_lines import fail as _fail
+from engine.cli.error_lines import refgen_errors as _refgen_errors
 from engine.errors import WeightsDownloadError
 
 weights_app = typer.Typer(

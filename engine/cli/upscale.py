@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .cli_errors import fail, refgen_errors
-from .errors import OutputPathError
-from .images import write_atomic
+from .error_lines import fail, refgen_errors
+from ..errors import OutputPathError
+from ..images import write_atomic
 
 SCALES = (2, 4)
 DEFAULT_SCALE = 4

@@ -1,7 +1,7 @@
 """Leonardo.ai's generation JSON (body of `POST /api/rest/v1/generations`) -> refgen's GenerationRequest,
 and refgen's values -> Leonardo's vocabulary for the API's answers.
 
-    from engine.leonardo import parse_generation, local_model
+    from engine.api.leonardo import parse_generation, local_model
     request = parse_generation(body, images=asset_store.resolve)   # GenerationRequest
     engine = Engine.load(local_model(body))                        # the model modelId stands for
     leonardo_scheduler("dpmpp_2m_karras")                          # "LEONARDO": what answers report
@@ -84,7 +84,7 @@ silently. Otherwise:
   (other than 1).
 A key Leonardo does not define is refused by name.
 
-Answers (engine/server.py) speak Leonardo's enums, which both official SDKs validate. Schedulers, refgen ->
+Answers (engine/api/server.py) speak Leonardo's enums, which both official SDKs validate. Schedulers, refgen ->
 Leonardo (`LEONARDO_SCHEDULERS`); the exact refgen name stays in the answer's "refgen" part:
 
 | refgen              | Leonardo                 | why                                                          |
@@ -118,15 +118,15 @@ from typing import Any, Literal, Mapping, Optional, Protocol, Union
 from PIL import Image
 from pydantic import ValidationError
 
-from adapters.controlnet import ControlUnit
-from adapters.identity import CharacterReference
-from adapters.ip_adapter import STRENGTH_WEIGHTS, Reference
+from ..request_types import ControlUnit
+from ..request_types import CharacterReference
+from ..request_types import STRENGTH_WEIGHTS, Reference
 
-from . import paths
-from .errors import RefgenError
-from .presets import normalise_name
-from .request import GenerationRequest
-from .schedulers import canonical_name
+from .. import paths
+from ..errors import RefgenError
+from ..presets import normalise_name
+from ..request import GenerationRequest
+from ..schedulers import canonical_name
 
 try:
     import tomllib

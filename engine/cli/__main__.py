@@ -1,0 +1,5 @@
+"""`python -m engine.cli ...` is `refgen ...`."""
+
+from .main import app
+
+app(prog_name="refgen")
