@@ -49,7 +49,7 @@ from engine import paths
 from engine import weights as weights_module
 from engine.errors import InvalidImageError, RefgenError
 from engine.hashing import cached_sha256
-from engine.images import ImageSource, load_rgb, write_atomic
+from engine.images import ImageSource, load_rgb, pixel_digest, write_atomic
 
 log = logging.getLogger("refgen")
 
@@ -403,7 +403,7 @@ class FaceAnalyzer:
     # ---------------------------------------------------------------------------- internals
 
     def _detections(self, rgb: Image.Image, what: str) -> tuple[_Detection, ...]:
-        key = (self.identity, image_sha256(rgb))
+        key = (self.identity, pixel_digest(rgb))
         cached = self.cache.get(key)
         if cached is not None:
             return cached
@@ -497,14 +497,6 @@ def onnx_providers(device: Any) -> list:
             return [("CUDAExecutionProvider", {"device_id": int(index)}), "CPUExecutionProvider"]
         log.warning("face analysis runs on CPU: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
     return ["CPUExecutionProvider"]
-
-
-def image_sha256(image: Image.Image) -> str:
-    """sha256 of an RGB image's size and pixels: the cache key of its analysis."""
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    digest = hashlib.sha256(f"RGB {rgb.size[0]}x{rgb.size[1]}\n".encode())
-    digest.update(rgb.tobytes())
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------- helpers

@@ -55,7 +55,7 @@ from engine.request_types import normalise_type
 from engine import paths
 from engine import weights as weights_module
 from engine.errors import InvalidImageError, RefgenError, UnsafeWeightsError, WeightsIntegrityError
-from engine.images import ImageSource, load_rgb, write_atomic
+from engine.images import ImageSource, load_rgb, pixel_digest, write_atomic
 from engine.loading import check_pickle
 
 DEPTH_ENTRY = "depth-anything-v2-small"
@@ -626,14 +626,6 @@ def get_preprocessor(
 # --------------------------------------------------------------------------------------- cache
 
 
-def image_digest(image: Image.Image) -> str:
-    """sha256 of an RGB image's pixels and size (what a preprocessor's output depends on)."""
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    digest = hashlib.sha256(f"RGB:{rgb.width}x{rgb.height}:".encode())
-    digest.update(rgb.tobytes())
-    return digest.hexdigest()
-
-
 class PreprocessorCache:
     """Preprocessor results by content: in memory (LRU, `max_items`) and as PNGs on disk.
 
@@ -665,7 +657,7 @@ class PreprocessorCache:
             "format": CACHE_FORMAT,
             "type": preprocessor.name,
             "version": preprocessor.version,
-            "image": image_digest(image),
+            "image": pixel_digest(image),
             "options": dict(sorted(options.items())),
             "weights": preprocessor.identity(options),
         }
@@ -709,10 +701,6 @@ class PreprocessorCache:
             buffer = io.BytesIO()
             image.save(buffer, format="PNG", pnginfo=info)
             write_atomic(self._path(key), buffer.getvalue())
-
-    def clear_memory(self) -> None:
-        with self._lock:
-            self._memory.clear()
 
     def __len__(self) -> int:
         return len(self._memory)

@@ -46,6 +46,7 @@ from engine.errors import InvalidImageError, RefgenError, UnknownModelError
 from engine.hashing import cached_sha256
 from engine.images import MAX_INPUT_PIXELS, ImageSource, _open, _to_rgb
 from engine.loading import PICKLE_SUFFIXES, check_pickle
+from engine.request import default_upscaler
 
 log = logging.getLogger("refgen.upscale")
 
@@ -66,8 +67,8 @@ TINY_NOTICE = (
     "{name}: a built-in stand-in upscaler for offline smoke runs ({what}); "
     "fetch a real one with `refgen weights fetch realesrgan-x4plus`"
 )
-TINY_MODEL_REFERENCES = {"tiny": "realesrgan-x4plus", "tiny-realesrgan-x4plus": "realesrgan-x4plus",
-                         "tiny-realesrgan-x2plus": "realesrgan-x2plus"}  # the tiny model's random Real-ESRGAN files
+TINY_MODEL_REFERENCES = {"tiny": default_upscaler(4), f"tiny-{default_upscaler(4)}": default_upscaler(4),
+                         f"tiny-{default_upscaler(2)}": default_upscaler(2)}  # the tiny model's random Real-ESRGAN files
 
 Progress = Union[bool, Callable[[int, int], None]]
 
@@ -436,13 +437,6 @@ class Upscaler:
         x = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).clamp(0, 1)
         out = np.ascontiguousarray(self._run(x, tile, overlap, progress).permute(0, 2, 3, 1).numpy())
         return out[0] if single else out
-
-    def upscale_tensor(self, x: torch.Tensor, tile: Optional[int] = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
-                       progress: Progress = False) -> torch.Tensor:
-        """(N, 3, H, W) float in [0, 1] -> (N, 3, H*scale, W*scale) float32 on the CPU, in [0, 1]."""
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise UpscaleError(f"expected an (N, 3, H, W) tensor, got {tuple(x.shape)}")
-        return self._run(x.detach().float().cpu().clamp(0, 1), tile, overlap, progress)
 
     # -- the tiled loop
 

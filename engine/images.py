@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -72,6 +73,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+def pixel_digest(image: Image.Image) -> str:
+    """sha256 of an image's RGB pixels and size: the identity of a picture held in memory (cache keys of
+    reference encodings, face analyses and preprocessor outputs; provenance of in-memory inputs)."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    digest = hashlib.sha256(f"RGB {rgb.width}x{rgb.height}\n".encode())
+    digest.update(rgb.tobytes())
+    return digest.hexdigest()
 
 
 def write_atomic(path: Path, data: bytes) -> Path:

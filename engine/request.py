@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -35,6 +35,12 @@ class LoraSpec(BaseModel):
         if sep and path and is_number(weight):
             return cls(path=path, weight=float(weight))
         return cls(path=text)
+
+
+def default_upscaler(scale: int) -> str:
+    """The ESRGAN model for a scale when none is named (upscale=, ultra mode, the CLI, the API):
+    Real-ESRGAN x2plus / x4plus from weights/manifest.toml."""
+    return f"realesrgan-x{scale}plus"
 
 
 def is_number(text: str) -> bool:
@@ -181,20 +187,27 @@ def _refined_side(side: int, scale: float) -> int:
     return int(round(side * scale / 8)) * 8
 
 
-def resolve(request: GenerationRequest, native_size: int = 1024, init_size: Optional[tuple[int, int]] = None) -> ResolvedRequest:
+def resolve(request: GenerationRequest, native_size: int = 1024, init_size: Optional[tuple[int, int]] = None,
+            prepared: Sequence = ()) -> ResolvedRequest:
     """Fill every unset field: request > preset > mode > engine defaults.
 
     `native_size` is the model's native square side (1024 for SDXL); `init_size` the init
     image's size, used when the request gives no size so img2img keeps the image's shape.
+    `prepared`: the request's prepared adapters (engine/adapter.py), which record their inputs and may lead
+    the prompt (a character's identity text).
     """
     preset = preset_lib.get_preset(request.preset) if request.preset else preset_lib.Preset(name="none")
+    prompt = preset.compose_prompt(request.prompt)
+    for part in prepared:
+        prompt = part.prompt(prompt)
+    inputs = {key: value for part in prepared for key, value in part.record().items()}
     mode = request.mode or preset.mode or "fast"
     settings: ModeSettings = MODES[mode]
     refines = settings.refine_scale != 1.0 and request.mask_image is None  # inpainting keeps the image's size
     width, height = _resolve_size(request, preset, native_size, init_size)
     base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     return ResolvedRequest(
-        prompt=preset.compose_prompt(request.prompt),
+        prompt=prompt,
         negative_prompt=preset.compose_negative(request.negative_prompt),
         width=width,
         height=height,
@@ -213,6 +226,7 @@ def resolve(request: GenerationRequest, native_size: int = 1024, init_size: Opti
         mask_feather=request.mask_feather if request.mask_image is not None else 0,
         loras=list(request.loras),
         ranked=request.best_of is not None,
+        **inputs,
     )
 
 

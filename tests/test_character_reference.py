@@ -26,7 +26,7 @@ from adapters.ip_adapter import IPAdapters
 from engine.request_types import Reference
 from engine import Engine, GenerationRequest
 from engine.errors import InvalidImageError, ProvenanceError, UnsafeWeightsError
-from test_faces import COMMITTED_MANIFEST
+from conftest import COMMITTED_MANIFEST
 from test_parity import TOLERANCE, _diffusers_scheduler, _max_diff
 from tiny_controlnet import save_tiny_controlnet
 from tiny_faceid import save_tiny_faceid
@@ -36,13 +36,6 @@ from tiny_ip_adapter import build_tiny_image_encoder, save_tiny_ip_adapter
 pytest.importorskip("peft")
 
 PROMPT = "a portrait of an astronaut"
-
-
-@pytest.fixture(scope="module")
-def astronaut() -> Image.Image:
-    from skimage.data import astronaut as load
-
-    return Image.fromarray(load())
 
 
 @pytest.fixture(scope="module")

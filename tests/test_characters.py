@@ -32,7 +32,9 @@ from adapters.characters import (
 from adapters.faces import FaceAnalyzer, NoFaceError, identity_score
 from engine.cli.character import character_app
 from engine.errors import RefgenError
-from test_faces import COMMITTED_MANIFEST, astronaut, private_home  # noqa: F401  (fixtures, reused)
+from conftest import COMMITTED_MANIFEST
+
+pytestmark = pytest.mark.usefixtures("private_home")  # no weights, caches or downloads from this machine
 
 ANCHOR = "Eileen, 40s, short brown hair, NASA flight suit"
 

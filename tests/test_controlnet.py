@@ -12,24 +12,6 @@ from engine.request_types import ControlUnit
 from conftest import generators
 from engine import Engine, GenerationRequest, WeightsMissingError
 from test_parity import TOLERANCE, _diffusers_scheduler, _init_image, _max_diff
-from tiny_controlnet import save_tiny_controlnet
-
-
-@pytest.fixture(scope="module")
-def controlnet_dirs(tiny_model_dir, tmp_path_factory):
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(str(tiny_model_dir), subfolder="unet")
-    root = tmp_path_factory.mktemp("controlnets")
-    return {kind: save_tiny_controlnet(unet, root / kind, seed) for kind, seed in (("canny", 10), ("depth", 11))}
-
-
-@pytest.fixture(scope="module")
-def control_engine(tiny_model_dir, controlnet_dirs):
-    engine = Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32")
-    for kind, folder in controlnet_dirs.items():
-        engine.controlnets.register(kind, folder)
-    return engine
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image, ImageOps
 
 import tiny_faces as tf
+from conftest import COMMITTED_MANIFEST
 from adapters import faces as fl
 from adapters.faces import (
     Face,
@@ -35,17 +36,9 @@ from adapters.faces import (
 from engine.errors import InvalidImageError, RefgenError, WeightsMissingError
 from engine.weights import Manifest, license_notice
 
-COMMITTED_MANIFEST = Path(__file__).resolve().parents[1] / "weights" / "manifest.toml"
 
 
 # ------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def astronaut() -> Image.Image:
-    from skimage.data import astronaut as load
-
-    return Image.fromarray(load())  # 512 x 512, one frontal face
 
 
 @pytest.fixture(scope="module")
@@ -76,18 +69,8 @@ def packs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(autouse=True)
-def private_home(tmp_path, monkeypatch):
-    """The committed manifest, a private REFGEN_HOME (hash cache), and insightface forbidden to download."""
-    monkeypatch.setenv("REFGEN_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("REFGEN_MANIFEST", str(COMMITTED_MANIFEST))
-    monkeypatch.setenv("REFGEN_WEIGHTS", str(tmp_path / "empty-weights"))
-
-    def no_download(*args, **kwargs):
-        raise AssertionError(f"insightface tried to download: {args}")
-
-    import insightface.utils.storage as storage
-
-    monkeypatch.setattr(storage, "download_file", no_download)
+def hermetic(private_home):
+    """Every test here: a private home, the committed manifest, no weights, no insightface download."""
 
 
 def use_weights(monkeypatch, folder: Path) -> None:
@@ -130,7 +113,7 @@ def test_model_zoo_routes_the_tiny_files_like_the_real_ones(packs):
     detector, recogniser = tf.pack_files("insightface-antelopev2", packs["one"], COMMITTED_MANIFEST)
     det = get_model(str(detector), providers=["CPUExecutionProvider"])
     rec = get_model(str(recogniser), providers=["CPUExecutionProvider"])
-    assert isinstance(det, SCRFD) and det.use_kps and det._feat_stride_fpn == [8, 16, 32]
+    assert isinstance(det, SCRFD) and det.use_kps  # the 9-output, keypoint-predicting SCRFD (strides 8/16/32)
     assert isinstance(rec, ArcFaceONNX) and rec.input_size == (112, 112)
     assert rec.session.get_inputs()[0].shape[0] == "batch"  # dynamic batch axis
     assert rec.get_feat([np.zeros((112, 112, 3), np.uint8)] * 2).shape == (2, 512)

@@ -39,10 +39,8 @@ class Resolver:
 
 
 @pytest.fixture(autouse=True)
-def private_home(tmp_path, monkeypatch):
+def hermetic(private_home):
     """No user model table or presets from the machine running the tests."""
-    monkeypatch.setenv("REFGEN_HOME", str(tmp_path))
-    return tmp_path
 
 
 @pytest.fixture

@@ -20,17 +20,9 @@ from engine.weights import Manifest
 COMMITTED_MANIFEST = Path(__file__).resolve().parents[1] / "weights" / "manifest.toml"
 
 
-@pytest.fixture(scope="module")
-def astronaut() -> Image.Image:
-    from skimage.data import astronaut as load
-
-    return Image.fromarray(load())  # 512 x 512, one frontal face, a helmet bottom right
-
-
 @pytest.fixture(autouse=True)
-def private_home(tmp_path, monkeypatch):
+def hermetic(private_home):
     """Caches (sha256.json, preprocess/) in a folder of this test only."""
-    monkeypatch.setenv("REFGEN_HOME", str(tmp_path / "home"))
 
 
 @pytest.fixture(scope="module")
@@ -241,12 +233,17 @@ def test_an_annotator_pickle_with_no_recorded_hash_needs_the_opt_in(tmp_path, as
     assert softedge(astronaut.resize((64, 64)), detect_resolution=64).size == (64, 64)
 
 
-def test_a_lock_file_hash_from_refgen_weights_fetch_counts_as_recorded(tmp_path):
+def test_a_lock_file_hash_from_refgen_weights_fetch_counts_as_recorded(tmp_path, astronaut):
+    """A pickle nobody vouched for needs allow_pickle; the same file, hashed by `refgen weights fetch`
+    into the lock file, loads without it (weights-only) and runs."""
     from engine.weights import _record_in_lock
 
     weights, manifest, path = _hed_folder(tmp_path)
+    with pytest.raises(UnsafeWeightsError, match="allow_pickle"):
+        pp.get_preprocessor("softedge", weights, manifest=manifest)
     _record_in_lock(path.parent, {"ControlNetHED.pth": {"sha256": ta.sha256(path)}})
-    pp.get_preprocessor("softedge", weights, manifest=manifest)  # no opt-in needed
+    softedge = pp.get_preprocessor("softedge", weights, manifest=manifest)
+    assert softedge(astronaut.resize((64, 64)), detect_resolution=64).size == (64, 64)
 
 
 def test_even_a_hash_matching_pickle_is_loaded_weights_only(tmp_path):

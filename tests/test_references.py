@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from adapters.ip_adapter import IPAdapters, block_scales
 
-from engine.request_types import STRENGTH_WEIGHTS, Reference
+from engine.request_types import Reference
 from conftest import generators
 from engine import Engine, GenerationRequest, WeightsMissingError
 from test_parity import TOLERANCE, _diffusers_scheduler, _max_diff
@@ -123,10 +123,15 @@ def test_references_are_recorded_and_replayed(ref_engine, tmp_path):
     assert np.array_equal(ref_engine.replay(saved[1]).pixels, result.pixels[1:])
 
 
-def test_strength_buckets_map_to_documented_weights():
-    assert STRENGTH_WEIGHTS == {"Low": 0.2, "Mid": 0.6, "High": 1.0, "Ultra": 1.4, "Max": 1.8}
-    assert Reference(kind="style", image="x.png", strength_type="Max").scale == 1.8
+# Leonardo's strengthType buckets as the README documents them (Low 0-0.4 ... Max 1.6-2: each bucket's middle).
+@pytest.mark.parametrize("strength_type, scale", [("Low", 0.2), ("Mid", 0.6), ("High", 1.0), ("Ultra", 1.4), ("Max", 1.8)])
+def test_strength_buckets_run_at_the_documented_weights(strength_type, scale):
+    assert Reference(kind="style", image="x.png", strength_type=strength_type).scale == scale
+
+
+def test_a_reference_runs_at_high_unless_told_and_takes_a_weight_or_a_bucket():
     assert Reference(kind="style", image="x.png").scale == 1.0
+    assert Reference(kind="content", image="x.png", weight=0.35).scale == 0.35
     with pytest.raises(ValidationError, match="not both"):
         Reference(kind="style", image="x.png", weight=1.0, strength_type="Low")
     with pytest.raises(ValidationError, match="weight"):

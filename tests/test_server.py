@@ -22,7 +22,6 @@ from engine.api.server import PREFIX, ServeError, check_bind, create_app
 from engine.api.store import AssetStore
 from live_server import png_bytes as _png
 from live_server import running_server
-from tiny_controlnet import save_tiny_controlnet
 
 API = PREFIX
 KEY = "test-key-0123"
@@ -67,19 +66,6 @@ class CountingRunner:
 
 
 # --------------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def control_engine(tiny_model_dir, tmp_path_factory):
-    from diffusers import UNet2DConditionModel
-
-    from engine import Engine
-
-    unet = UNet2DConditionModel.from_pretrained(str(tiny_model_dir), subfolder="unet")
-    folder = save_tiny_controlnet(unet, tmp_path_factory.mktemp("server_controlnets") / "canny", 10)
-    engine = Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32")
-    engine.controlnets.register("canny", folder)
-    return engine
-
 
 @pytest.fixture
 def store(tmp_path):

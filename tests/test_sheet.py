@@ -30,7 +30,8 @@ from engine.cli.sheet import sheet
 from engine.errors import InvalidImageError
 from engine.provenance import read_metadata, save_png
 from test_characters import analyzer, blank, mirrored, pack_dir, photos  # noqa: F401  (fixtures, reused)
-from test_faces import astronaut, private_home  # noqa: F401  (fixtures, reused; private_home is autouse)
+
+pytestmark = pytest.mark.usefixtures("private_home")  # no weights, caches or downloads from this machine
 
 SEED = 4242
 

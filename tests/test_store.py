@@ -279,23 +279,27 @@ def test_reopen_keeps_everything_and_wal(tmp_path):
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
 
 
+def test_a_version_1_database_is_migrated_and_keeps_its_jobs(tmp_path):
+    """Version 1 had a characters table nothing used; opening it with this refgen drops it, keeps the rest."""
+    with AssetStore(tmp_path) as store:
+        job = store.create_generation({"prompt": "x"})
+    with sqlite3.connect(tmp_path / DATABASE_NAME) as db:  # as refgen 0.1 left it
+        db.execute("CREATE TABLE characters (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, folder TEXT NOT NULL, "
+                   "created_at TEXT NOT NULL)")
+        db.execute("UPDATE schema_version SET version = 1")
+    with AssetStore(tmp_path) as store:
+        assert store.generation(job.id).status == "PENDING"
+    with sqlite3.connect(tmp_path / DATABASE_NAME) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert db.execute("SELECT name FROM sqlite_master WHERE name = 'characters'").fetchall() == []
+
+
 def test_newer_schema_is_refused(tmp_path):
     AssetStore(tmp_path).close()
     with sqlite3.connect(tmp_path / DATABASE_NAME) as db:
         db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
     with pytest.raises(StoreError, match="upgrade refgen"):
         AssetStore(tmp_path)
-
-
-def test_characters(store, tmp_path):
-    first = store.register_character("ada", tmp_path / "ada")
-    assert store.register_character("ada", tmp_path / "ada2") == first  # same name: same character
-    store.register_character("bob", tmp_path / "bob")
-    listed = store.characters()
-    assert [(c["name"], c["folder"]) for c in listed] == [("ada", str(tmp_path / "ada2")), ("bob", str(tmp_path / "bob"))]
-    assert listed[0]["id"] == first and listed[0]["created_at"]
-    with pytest.raises(StoreError):
-        store.register_character("  ", tmp_path)
 
 
 def test_a_bounded_queue_never_overshoots_under_simultaneous_callers(store):

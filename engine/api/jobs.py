@@ -27,11 +27,12 @@ from ..errors import RefgenError
 from ..images import load_rgb
 from .leonardo import LeonardoRequestError, ModelTable, local_model, parse_generation
 from ..provenance import png_bytes
+from ..request import default_upscaler
 from .store import AssetStore, Generation, Output, StoreError, UnknownAssetError
 
 log = logging.getLogger("refgen.jobs")
 
-DEFAULT_UPSCALER = "realesrgan-x4plus"
+DEFAULT_UPSCALER = default_upscaler(4)  # Leonardo's upscale variation is x4
 
 
 class Runner(Protocol):

@@ -1,5 +1,5 @@
 """The local API's asset store: uploaded init images, generations (the job queue itself), generated
-images, upscale variations and characters, in one SQLite database under the data folder; image files
+images and upscale variations, in one SQLite database under the data folder; image files
 beside it, written atomically. Ids are UUID4 strings; no user-supplied string ever becomes a path
 (files are named `<uuid>.<ext>` by the store, the extension from a fixed list).
 
@@ -117,7 +117,6 @@ log = logging.getLogger("refgen.store")
 
 DATABASE_NAME = "refgen.sqlite3"
 FILES_DIR = "files"
-SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 10_000  # another process (a second server on the same folder) holding the write lock
 
 # Version 1. Later versions append their migration to MIGRATIONS; `_migrate` runs the missing ones in order.
@@ -164,7 +163,10 @@ CREATE TABLE characters (
     created_at TEXT NOT NULL
 );
 """
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1,)  # MIGRATIONS[n] takes the schema from version n to n + 1
+# v2: characters live in their own folders (adapters/characters.py); the store never used its table.
+_SCHEMA_V2 = "DROP TABLE characters;"
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)  # MIGRATIONS[n] takes the schema from version n to n + 1
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def _now() -> str:
@@ -497,23 +499,3 @@ class AssetStore:
         if released:
             log.info("released %d interrupted job(s) back to the queue", released)
         return released
-
-    # -- characters
-
-    def register_character(self, name: str, folder: Path) -> str:
-        """The character's id; registering a known name again points it at `folder` and keeps its id."""
-        if not isinstance(name, str) or not name.strip():
-            raise StoreError("a character needs a name")
-        with self._transaction() as db:
-            row = db.execute("SELECT id FROM characters WHERE name = ?", (name,)).fetchone()
-            if row is not None:
-                db.execute("UPDATE characters SET folder = ? WHERE id = ?", (str(folder), row["id"]))
-                return row["id"]
-            character_id = str(uuid.uuid4())
-            db.execute("INSERT INTO characters (id, name, folder, created_at) VALUES (?, ?, ?, ?)",
-                       (character_id, name, str(folder), _now()))
-            return character_id
-
-    def characters(self) -> list[dict]:
-        rows = self._query("SELECT id, name, folder, created_at FROM characters ORDER BY name")
-        return [dict(row) for row in rows]

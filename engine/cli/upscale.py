@@ -21,15 +21,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .error_lines import fail, refgen_errors
 from ..errors import OutputPathError
 from ..images import write_atomic
+from ..request import default_upscaler
 
 SCALES = (2, 4)
 DEFAULT_SCALE = 4
 METADATA_KEY = "refgen-upscale"  # not "refgen": that chunk means "replayable generation" to `refgen replay`
-
-
-def default_model(scale: int) -> str:
-    """The manifest entry for a scale: realesrgan-x4plus, realesrgan-x2plus."""
-    return f"realesrgan-x{scale}plus"
 
 
 def output_path(image: Path, out: Optional[Path], scale: int) -> Path:
@@ -83,7 +79,7 @@ def upscale(
     with refgen_errors(tiny_model=model != "tiny"):  # never offer the option already given
         picture = load_image(image, what="input image")  # a bad file fails before any model loads
         check_out(out)
-        reference = model or default_model(scale or DEFAULT_SCALE)
+        reference = model or default_upscaler(scale or DEFAULT_SCALE)
         if reference == "tiny":  # the tiny model's random Real-ESRGAN (the real layout, built offline)
             reference = f"tiny-realesrgan-x{scale or DEFAULT_SCALE}plus"
         with console.status(f"loading {reference} ..."):
