@@ -25,7 +25,7 @@ product (ArcFace cosine similarity: ~1 same picture, roughly > 0.4 same person w
 
 Caching: detection + recognition results (boxes, keypoints, embeddings) are kept in memory (LRU,
 bounded) and on disk (<cache dir>/faces, one small .npz per image) keyed by the sha256 of the image's
-RGB pixels and the analyzer's identity (pack, file hashes, detector settings); a `FaceCache` can be
+RGB pixels and the analyzer's identity (pack, file hashes, detector settings); a `face_cache()` can be
 shared by several analyzers. Aligned crops are cut per call (cheap).
 """
 
@@ -34,9 +34,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import threading
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, Optional, Sequence, Union
@@ -49,7 +47,8 @@ from engine import paths
 from engine import weights as weights_module
 from engine.errors import InvalidImageError, RefgenError
 from engine.hashing import cached_sha256
-from engine.images import ImageSource, load_rgb, pixel_digest, write_atomic
+from engine.cache import DiskCache, Folder
+from engine.images import ImageSource, load_rgb, pixel_digest
 
 log = logging.getLogger("refgen")
 
@@ -144,67 +143,25 @@ class _Detection:
         return float(max(self.bbox[2] - self.bbox[0], 0.0) * max(self.bbox[3] - self.bbox[1], 0.0))
 
 
-class FaceCache:
-    """A bounded, thread-safe LRU of detections keyed by (analyzer identity, image sha256), backed by
-    files in `folder` when one is given (FaceAnalyzer.load uses <cache dir>/faces), so a reference
-    seen in an earlier session skips detection and recognition too."""
+def face_cache(folder: Folder = None, max_entries: int = 256) -> DiskCache:
+    """Detections by (analyzer identity, image pixels), bounded in memory, backed by .npz files in
+    `folder` when one is given (FaceAnalyzer.load uses <cache dir>/faces), so a reference seen in an
+    earlier session skips detection and recognition too."""
+    if max_entries < 1:
+        raise ValueError("max_entries must be at least 1")
+    return DiskCache(folder, suffix=".npz", encode=_detections_npz, decode=_detections_from_npz, max_items=max_entries)
 
-    def __init__(self, max_entries: int = 256, folder: Optional[Path] = None):
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
-        self.max_entries = max_entries
-        self.folder = folder
-        self._entries: OrderedDict[tuple[str, str], tuple[_Detection, ...]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
 
-    def get(self, key: tuple[str, str]) -> Optional[tuple[_Detection, ...]]:
-        with self._lock:
-            found = self._entries.get(key)
-        if found is None:
-            found = self._from_disk(key)
-            if found is None:
-                self.misses += 1
-                return None
-            self.put(key, found, persist=False)
-        with self._lock:
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return found
-
-    def put(self, key: tuple[str, str], value: tuple[_Detection, ...], persist: bool = True) -> None:
-        with self._lock:
-            self._entries[key] = value
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-        if persist and self.folder is not None:
-            write_atomic(self._file(key), _detections_npz(value))
-
-    def _file(self, key: tuple[str, str]) -> Path:
-        return self.folder / f"{hashlib.sha256('|'.join(key).encode()).hexdigest()}.npz"
-
-    def _from_disk(self, key: tuple[str, str]) -> Optional[tuple[_Detection, ...]]:
-        if self.folder is None:
-            return None
-        try:
-            with np.load(self._file(key), allow_pickle=False) as data:
-                return tuple(
-                    _Detection(_frozen(box), _frozen(kps), float(score), _frozen(embedding), float(norm))
-                    for box, kps, score, embedding, norm in zip(data["bbox"], data["kps"], data["det_score"], data["embedding"],
-                                                                data["embedding_norm"])
-                )
-        except (OSError, ValueError, KeyError):
-            return None  # absent or damaged: analyse again
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
+def _detections_from_npz(path: Path) -> Optional[tuple[_Detection, ...]]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return tuple(
+                _Detection(_frozen(box), _frozen(kps), float(score), _frozen(embedding), float(norm))
+                for box, kps, score, embedding, norm in zip(data["bbox"], data["kps"], data["det_score"], data["embedding"],
+                                                            data["embedding_norm"])
+            )
+    except (OSError, ValueError, KeyError):
+        return None  # damaged: analyse again
 
 
 def _detections_npz(detections: tuple[_Detection, ...]) -> bytes:
@@ -238,7 +195,7 @@ class FaceAnalyzer:
         det_size: tuple[int, int],
         det_thresh: float,
         identity: str,
-        cache: Optional[FaceCache] = None,
+        cache: Optional[DiskCache] = None,
     ):
         self.app = app
         self.pack = pack
@@ -250,7 +207,7 @@ class FaceAnalyzer:
         self.det_size = det_size
         self.det_thresh = det_thresh
         self.identity = identity
-        self.cache = cache if cache is not None else FaceCache()
+        self.cache = cache if cache is not None else face_cache()
 
     # ---------------------------------------------------------------------------- loading
 
@@ -263,7 +220,7 @@ class FaceAnalyzer:
         weights_dir: Optional[Union[str, Path]] = None,
         *,
         det_thresh: float = 0.5,
-        cache: Optional[FaceCache] = None,
+        cache: Optional[DiskCache] = None,
         manifest: Optional[weights_module.Manifest] = None,
     ) -> "FaceAnalyzer":
         """Load a pack ("antelopev2", "buffalo_l", or a face-analysis manifest entry name).
@@ -298,7 +255,7 @@ class FaceAnalyzer:
             det_size=det_size,
             det_thresh=float(det_thresh),
             identity=identity,
-            cache=cache if cache is not None else FaceCache(folder=paths.cache_dir() / "faces"),
+            cache=cache if cache is not None else face_cache(lambda: paths.cache_dir() / "faces"),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -403,7 +360,7 @@ class FaceAnalyzer:
     # ---------------------------------------------------------------------------- internals
 
     def _detections(self, rgb: Image.Image, what: str) -> tuple[_Detection, ...]:
-        key = (self.identity, pixel_digest(rgb))
+        key = hashlib.sha256(f"{self.identity}|{pixel_digest(rgb)}".encode()).hexdigest()
         cached = self.cache.get(key)
         if cached is not None:
             return cached

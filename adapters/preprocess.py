@@ -41,7 +41,6 @@ import io
 import json
 import threading
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Optional, Union
@@ -55,7 +54,8 @@ from engine.request_types import normalise_type
 from engine import paths
 from engine import weights as weights_module
 from engine.errors import InvalidImageError, RefgenError, UnsafeWeightsError, WeightsIntegrityError
-from engine.images import ImageSource, load_rgb, pixel_digest, write_atomic
+from engine.cache import DiskCache
+from engine.images import ImageSource, load_rgb, pixel_digest
 from engine.loading import check_pickle
 
 DEPTH_ENTRY = "depth-anything-v2-small"
@@ -627,7 +627,7 @@ def get_preprocessor(
 
 
 class PreprocessorCache:
-    """Preprocessor results by content: in memory (LRU, `max_items`) and as PNGs on disk.
+    """Preprocessor results by content: the one memory + disk cache (engine/cache.py) holding PNGs.
 
     `run(preprocessor, image, **options)` returns the cached result or computes and stores it. The key
     is the sha256 of (input pixels and size, type, resolved options, weights identity, formats).
@@ -637,19 +637,22 @@ class PreprocessorCache:
     """
 
     def __init__(self, directory: Union[str, Path, None] = None, max_items: int = 16, disk: bool = True):
-        if max_items < 0:
-            raise ValueError("max_items must be >= 0")
         self._directory = Path(directory).expanduser() if directory is not None else None
-        self.max_items = max_items
-        self.disk = disk
-        self._memory: OrderedDict[str, Image.Image] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
+        folder = (lambda: self.directory) if disk else None
+        self._store = DiskCache(folder, suffix=".png", encode=_png, decode=_cached_png, max_items=max_items,
+                                copy=Image.Image.copy)
 
     @property
     def directory(self) -> Path:
         return self._directory if self._directory is not None else paths.cache_dir() / "preprocess"
+
+    @property
+    def hits(self) -> int:
+        return self._store.hits
+
+    @property
+    def misses(self) -> int:
+        return self._store.misses
 
     def key(self, preprocessor: Preprocessor, image: Image.Image, options: Mapping[str, Any]) -> str:
         """The cache key of a loaded RGB image and *resolved* options."""
@@ -676,55 +679,30 @@ class PreprocessorCache:
         return result.copy()
 
     def get(self, key: str, size: Optional[tuple[int, int]] = None) -> Optional[Image.Image]:
-        with self._lock:
-            image = self._memory.get(key)
-            if image is not None:
-                self._memory.move_to_end(key)
-                self.hits += 1
-                return image.copy()
-        image = self._read(key, size) if self.disk else None
-        with self._lock:
-            if image is None:
-                self.misses += 1
-                return None
-            self.hits += 1
-            self._remember(key, image)
-        return image.copy()
+        return self._store.get(key, accept=lambda image: size is None or image.size == size)
 
     def put(self, key: str, image: Image.Image, meta: Optional[Mapping[str, Any]] = None) -> None:
         image = image.convert("RGB")
-        with self._lock:
-            self._remember(key, image.copy())
-        if self.disk:
-            info = PngInfo()
-            info.add_text("refgen-preprocess", json.dumps({"key": key, **(meta or {})}, sort_keys=True, default=str))
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG", pnginfo=info)
-            write_atomic(self._path(key), buffer.getvalue())
+        self._store.put(key, image, encoded=_png(image, {"key": key, **(meta or {})}))
 
     def __len__(self) -> int:
-        return len(self._memory)
+        return len(self._store)
 
-    def _remember(self, key: str, image: Image.Image) -> None:
-        if self.max_items == 0:
-            return
-        self._memory[key] = image
-        self._memory.move_to_end(key)
-        while len(self._memory) > self.max_items:
-            self._memory.popitem(last=False)
 
-    def _path(self, key: str) -> Path:
-        return self.directory / key[:2] / f"{key}.png"
+def _png(image: Image.Image, meta: Optional[Mapping[str, Any]] = None) -> bytes:
+    """The PNG of a result, with what made it in a text chunk (for a person looking at the cache)."""
+    info = PngInfo()
+    info.add_text("refgen-preprocess", json.dumps(meta or {}, sort_keys=True, default=str))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
-    def _read(self, key: str, size: Optional[tuple[int, int]]) -> Optional[Image.Image]:
-        path = self._path(key)
-        if not path.is_file():
-            return None
-        try:
-            image = load_rgb(path, "cached control image")
-        except InvalidImageError:
-            return None  # a damaged cache file is a miss; the next put replaces it
-        return image if size is None or image.size == size else None
+
+def _cached_png(path: Path) -> Optional[Image.Image]:
+    try:
+        return load_rgb(path, "cached control image")
+    except InvalidImageError:
+        return None  # a damaged cache file is a miss; the next put replaces it
 
 
 class Preprocessors:

@@ -24,7 +24,7 @@ The same round then encodes the image as a character: IdentityAdapters.identity 
 (antelopev2) and for FaceID (buffalo_l), cold (analyzer cache cleared) and again (detection cache),
 FaceID's face crop through the CLIP encoder (IPAdapters.encode(crop, hidden_states=True): cold, memory
 cache, disk cache in a fresh IPAdapters), and the identity score of one output-sized image (the face
-analysis every character output pays), cold and cached. Face analyses run = FaceCache misses.
+analysis every character output pays), cold and cached. Face analyses run = face-cache misses.
 
 The face packs are the tests' tiny insightface packs (tests/tiny_faces.py: a constant SCRFD-shaped
 detector that always reports the astronaut's face, a small random ArcFace), not the real ones.
@@ -445,7 +445,7 @@ def section(report: dict) -> str:
         f"{enc['reference_side']}x{enc['reference_side']} image each round, used as style image and as character photo; "
         f"the score step analyses a new {enc['output_side']}x{enc['output_side']} image; REFGEN_HOME a new empty "
         "temporary folder; times include hashing the picture for the cache key; runs = CLIP encoder runs "
-        "(`encoder_runs`) or face analyses run (FaceCache misses)):",
+        "(`encoder_runs`) or face analyses run (face-cache misses)):",
         "",
         "| what | step | ms median (min–max) | × cold | runs per call (total over rounds) |",
         "|---|---|---|---:|---|",

@@ -23,7 +23,7 @@ from adapters import faces as fl
 from adapters.faces import (
     Face,
     FaceAnalyzer,
-    FaceCache,
+    face_cache,
     FaceIndexError,
     FaceModelError,
     FaceSelectionError,
@@ -324,7 +324,7 @@ def test_an_unreadable_image_is_an_invalid_image_error(analyzer, astronaut, tmp_
 
 def test_results_are_cached_by_image_content_and_analyzer_identity(packs, monkeypatch, astronaut):
     use_weights(monkeypatch, packs["one"])
-    shared = FaceCache(max_entries=8)
+    shared = face_cache(max_entries=8)
     analyzer = FaceAnalyzer.load("antelopev2", device="cpu", cache=shared)
     calls = []
     real_get = analyzer.app.get
@@ -342,13 +342,6 @@ def test_results_are_cached_by_image_content_and_analyzer_identity(packs, monkey
         stricter.analyze(astronaut)
     same = FaceAnalyzer.load("antelopev2", device="cpu", cache=shared)
     assert same.identity == analyzer.identity
-
-
-def test_the_cache_is_bounded():
-    cache = FaceCache(max_entries=2)
-    for index in range(3):
-        cache.put(("id", str(index)), ())
-    assert len(cache) == 2 and cache.get(("id", "0")) is None and cache.get(("id", "2")) == ()
 
 
 # ------------------------------------------------------------------------------------ keypoints
@@ -434,16 +427,16 @@ def test_refgen_weights_list_shows_the_packs_are_non_commercial(tmp_path):
 
 def test_results_persist_on_disk_for_the_next_session(packs, monkeypatch, astronaut, tmp_path):
     use_weights(monkeypatch, packs["one"])
-    first = FaceAnalyzer.load("antelopev2", device="cpu", cache=FaceCache(folder=tmp_path / "faces"))
+    first = FaceAnalyzer.load("antelopev2", device="cpu", cache=face_cache(tmp_path / "faces"))
     analysed = first.analyze(astronaut)
     first.analyze_all(Image.new("RGB", (64, 64)))  # no face is a result too
-    later = FaceAnalyzer.load("antelopev2", device="cpu", cache=FaceCache(folder=tmp_path / "faces"))
+    later = FaceAnalyzer.load("antelopev2", device="cpu", cache=face_cache(tmp_path / "faces"))
     monkeypatch.setattr(later.app, "get", lambda *a, **kw: pytest.fail("analysed again despite the disk cache"))
     again = later.analyze(astronaut)
     assert np.array_equal(again.embedding, analysed.embedding) and np.array_equal(again.kps, analysed.kps)
     assert again.det_score == pytest.approx(analysed.det_score) and not again.embedding.flags.writeable
     assert later.analyze_all(Image.new("RGB", (64, 64))) == []
-    for file in (tmp_path / "faces").iterdir():
+    for file in (tmp_path / "faces").rglob("*.npz"):
         file.write_bytes(b"damaged")
-    assert np.array_equal(FaceAnalyzer.load("antelopev2", device="cpu", cache=FaceCache(folder=tmp_path / "faces"))
+    assert np.array_equal(FaceAnalyzer.load("antelopev2", device="cpu", cache=face_cache(tmp_path / "faces"))
                           .analyze(astronaut).embedding, analysed.embedding)  # a damaged file is analysed again
