@@ -21,9 +21,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from engine.adapter import Context, Frame, Prepared
 from engine.conditioning import Guidance
 from engine.errors import RefgenError
+from engine.images import load_rgb
+from engine.provenance import input_record, replay_image
+from engine.request import GenerationRequest, ResolvedRequest
 from engine.request_types import ControlUnit, FitMode, canonical_type
+
+from .preprocess import Preprocessors, is_preprocessed
 
 # Single-type SDXL ControlNets in weights/manifest.toml, by control type.
 DEFAULT_MODELS = {"canny": "controlnet-canny-sdxl", "depth": "controlnet-depth-sdxl", "pose": "controlnet-openpose-sdxl"}
@@ -168,7 +174,7 @@ class ControlNetLibrary:
         if key not in self._references:
             raise ControlError(
                 f"no ControlNet serves control type {key!r}; served: {', '.join(self.served_types())}. "
-                "Register one with engine.controlnets.register(type, folder) (CLI: --controlnet-model TYPE=FOLDER)"
+                "Register one with Engine.load(controlnets={type: folder}) (CLI: --controlnet-model TYPE=FOLDER)"
             )
         kind, reference = self._references[key]
         if reference not in self._loaded:
@@ -274,3 +280,47 @@ def build_guidance(
         image = control_tensor(unit.image, width, height, unit.fit, batch * (2 if guided else 1), model)
         ready.append(ReadyControl(model, image, unit.weight, unit.start, unit.end))
     return ControlGuidance(ready)
+
+
+class ControlNets:
+    """ControlNet units, an Adapter (engine/adapter.py): photos go through their type's preprocessor
+    (cached), and the units' residuals join every whole-picture pass (not the tiles of a tiled refine)."""
+
+    def __init__(self, library: ControlNetLibrary, preprocessors: Preprocessors):
+        self.library, self.preprocessors = library, preprocessors
+
+    def prepare(self, request: GenerationRequest, ctx: Context) -> Optional["PreparedControls"]:
+        if not request.controlnets:
+            return None
+        sources = [load_rgb(unit.image, f"control image {i + 1} ({unit.type})") for i, unit in enumerate(request.controlnets)]
+        records = [input_record(unit, image) for unit, image in zip(request.controlnets, sources)]
+        return PreparedControls(self.library, self._ready(request.controlnets, sources), records)
+
+    def replay(self, resolved: ResolvedRequest, ctx: Context) -> Optional["PreparedControls"]:
+        if not resolved.controlnets:
+            return None
+        sources = [replay_image(record["image"], f"control image {i + 1}") for i, record in enumerate(resolved.controlnets)]
+        units = [ControlUnit(**{**record, "image": image}) for record, image in zip(resolved.controlnets, sources)]
+        return PreparedControls(self.library, self._ready(units, sources), list(resolved.controlnets))
+
+    def _ready(self, units, sources: list[Image.Image]) -> list[ControlUnit]:
+        """Each unit with its control image."""
+        return [unit.model_copy(update={"image": self._control_image(unit, image)}) for unit, image in zip(units, sources)]
+
+    def _control_image(self, unit: ControlUnit, image: Image.Image) -> Image.Image:
+        if unit.preprocess is False or (unit.preprocess == "auto" and is_preprocessed(image, unit.type)):
+            return image
+        return self.preprocessors.run(unit.type, image, **unit.options)
+
+
+class PreparedControls(Prepared):
+    def __init__(self, library: ControlNetLibrary, units: list[ControlUnit], records: list[dict]):
+        self._library, self._units, self._records = library, units, records
+
+    def record(self) -> dict:
+        return {"controlnets": self._records}
+
+    def guidance(self, frame: Frame) -> tuple[Guidance, ...]:
+        if not frame.whole:
+            return ()
+        return (build_guidance(self._library, self._units, frame.width, frame.height, frame.batch, frame.guided),)

@@ -1,11 +1,11 @@
 """Character Reference: keep one person's identity across images, from a photo or a saved profile.
 
-Two face-embedding adapters behind one interface (`IdentityAdapter.plan`):
-- `instantid` (default): InstantID. Its face adapter (a Resampler over the 512-d ArcFace embedding of
+Two face-embedding adapters behind one interface (`FaceAdapter`), served by one Adapter (`CharacterReferences`):
+- `instantid` (default, class `InstantID`): Its face adapter (a Resampler over the 512-d ArcFace embedding of
   insightface's antelopev2 pack) feeds 16 identity tokens to the UNet's cross-attention through an
   IP-Adapter, and IdentityNet, a ControlNet that attends to those face tokens instead of the text,
   is fed a five-keypoint picture (from the reference, or from `pose_image`). Strongest likeness.
-- `faceid`: IP-Adapter FaceID-Plus-v2. The ArcFace embedding (buffalo_l pack) gives 4 tokens, which
+- `faceid` (class `FaceIDPlusV2`): IP-Adapter FaceID-Plus-v2. The ArcFace embedding (buffalo_l pack) gives 4 tokens, which
   a Resampler refines with the CLIP hidden states of the aligned face crop; the file's LoRA is active
   while a character is used. Lighter: no ControlNet, so the face is free to move.
 
@@ -34,15 +34,20 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import ClassVar, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-from engine.errors import RefgenError
+from engine.adapter import Context, Frame, Prepared
+from engine.conditioning import Guidance
+from engine.errors import ProvenanceError, RefgenError
 from engine.hashing import cached_sha256
 from engine.images import load_rgb
+from engine.lora import LoraPatch
+from engine.provenance import image_record, replay_image
+from engine.request import GenerationRequest, ResolvedRequest
 from engine.request_types import CharacterReference, character_scales
 
 from .characters import FACE_CROP_SIZE, CharacterStore, unit_mean
@@ -52,7 +57,6 @@ from .ip_adapter import AdapterFile, AdapterUse, IPAdapters, cfg_rows
 
 # ------------------------------------------------------------------------------------- adapters
 
-PACKS: dict[str, str] = {"instantid": "antelopev2", "faceid": "buffalo_l"}  # the recogniser each was trained on
 FACEID_ENTRY = "ip-adapter-faceid-plusv2-sdxl"
 FACEID_FILES = ("ip-adapter-faceid-plusv2_sdxl.safetensors", "ip-adapter-faceid-plusv2_sdxl.bin")
 INSTANTID_ENTRY = "instantid"
@@ -89,23 +93,131 @@ class Identity:
         return hashlib.sha256(vectors.tobytes()).hexdigest()
 
 
-class IdentityAdapters:
-    """The Character Reference side of an engine: face analysis, the identity of a request, and what the
-    chosen adapter contributes (IP-Adapter instances, InstantID's IdentityNet, FaceID's LoRA)."""
+class FaceAdapter:
+    """One face-embedding adapter: what it feeds the UNet (always IP-Adapter instance 0, see FACEID_LORA),
+    and what else it switches on. Subclasses set the class attributes and override what differs."""
 
-    def __init__(self, ip_adapters: IPAdapters, device, dtype, *, faceid: Union[str, Path] = FACEID_ENTRY,
-                 instantid: Union[str, Path] = INSTANTID_ENTRY, store: Optional[CharacterStore] = None,
-                 analyzers: Optional[dict[str, FaceAnalyzer]] = None, manifest=None, weights_dir: Optional[Path] = None):
-        self._ip, self._device, self._dtype = ip_adapters, device, dtype
+    name: ClassVar[str]  # CharacterReference.adapter
+    pack: ClassVar[str]  # the insightface pack whose recogniser it was trained on
+    entry: ClassVar[str]  # its manifest entry
+    files: ClassVar[tuple[str, ...]]  # its adapter file, a converted .safetensors first (the published .bin is a pickle)
+
+    def __init__(self, ip_adapters: IPAdapters, device, dtype, reference: Union[str, Path, None] = None, *,
+                 manifest=None, weights_dir: Optional[Path] = None):
+        self.ip_adapters, self._device, self._dtype = ip_adapters, device, dtype
+        self._reference = str(reference or self.entry)
         self._manifest, self._weights_dir = manifest, weights_dir  # where manifest names are looked up
-        self._references = {"faceid": str(faceid), "instantid": str(instantid)}
-        self._store = store
-        self._analyzers: dict[str, FaceAnalyzer] = dict(analyzers or {})
+
+    def use(self, ref: CharacterReference, identity: Identity, batch: int, guided: bool) -> AdapterUse:
+        """Its IP-Adapter instance: file, scale and CFG-batched embeddings."""
+        raise NotImplementedError
+
+    def loras(self) -> dict[str, float]:
+        """peft adapters to keep active while the character steers."""
+        return {}
+
+    def control(self, ref: CharacterReference, identity: Identity, frame: Frame) -> Optional[Guidance]:
+        """A ControlNet of its own, when it has one."""
+        return None
+
+    def record(self) -> dict:
+        """The files a character request used, for provenance."""
+        file = self.adapter_file()
+        return {"adapter": self.name, "file": str(file.folder / file.weight_name), "sha256": cached_sha256(file.folder / file.weight_name)}
+
+    def _rows(self, vector: np.ndarray, batch: int, guided: bool) -> torch.Tensor:
+        """(rows, 1, 512) identity embeddings, zeros for the unconditional half (both adapters' convention)."""
+        embedding = torch.tensor(vector)[None]  # (1, 512): one image per adapter
+        return cfg_rows(embedding, torch.zeros_like(embedding), batch, guided).to(self._device, self._dtype)
+
+    def adapter_file(self) -> AdapterFile:
+        folder = self.folder()
+        for name in self.files:
+            if (folder / name).is_file():
+                return AdapterFile(folder, name)
+        raise CharacterReferenceError(f"no {self.name} adapter file ({' or '.join(self.files)}) in {folder}")
+
+    def folder(self) -> Path:
+        from engine import weights
+
+        folder = Path(self._reference).expanduser()
+        return folder if folder.is_dir() else weights.require(self._reference, self._weights_dir, self._manifest)
+
+
+class InstantID(FaceAdapter):
+    """16 face tokens from the raw ArcFace embedding, and IdentityNet on the face's keypoints."""
+
+    name, pack, entry, files = "instantid", "antelopev2", INSTANTID_ENTRY, INSTANTID_FILES
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._identitynet = None
+
+    def use(self, ref, identity, batch, guided) -> AdapterUse:
+        adapter_scale, _ = character_scales(ref.scale)
+        embeds = self._rows(identity.raw_embedding, batch, guided)  # trained on raw, unnormalised vectors
+        return AdapterUse(self.adapter_file(), adapter_scale, embeds[:, :, None])  # (rows, 1, 1, 512)
+
+    def control(self, ref, identity, frame: Frame) -> Optional[ControlGuidance]:
+        """IdentityNet: a ControlNet on the keypoint picture that attends to the face tokens (the loaded face
+        adapter's projection of the same embeddings the UNet gets)."""
+        _, identitynet_scale = character_scales(ref.scale)
+        if identitynet_scale == 0:
+            return None
+        model = self._identity_net()
+        rows = self._rows(identity.raw_embedding, frame.batch, frame.guided)
+        with torch.inference_mode():
+            tokens = self.ip_adapters.projection(0)(rows)  # (rows, 16, cross)
+        image = control_tensor(identity.keypoints, frame.width, frame.height, "crop", rows.shape[0], model)
+        return ControlGuidance([ReadyControl(model, image, identitynet_scale, context=tokens.to(model.dtype))])
+
+    def record(self) -> dict:
+        return {**super().record(), "identitynet": str(self.folder() / IDENTITYNET_FOLDER)}
+
+    def _identity_net(self):
+        if self._identitynet is None:
+            from diffusers import ControlNetModel
+
+            folder = self.folder() / IDENTITYNET_FOLDER
+            model = ControlNetModel.from_pretrained(str(folder), dtype=self._dtype, use_safetensors=True, local_files_only=True)
+            self._identitynet = model.to(self._device).eval()
+        return self._identitynet
+
+
+class FaceIDPlusV2(FaceAdapter):
+    """4 tokens from the unit ArcFace embedding, refined with the CLIP hidden states of the face crop; its LoRA on."""
+
+    name, pack, entry, files = "faceid", "buffalo_l", FACEID_ENTRY, FACEID_FILES
+
+    def use(self, ref, identity, batch, guided) -> AdapterUse:
+        adapter_scale, _ = character_scales(ref.scale)
+        positive, negative = self.ip_adapters.encode(identity.face_crop, hidden_states=True)
+        clip = cfg_rows(positive, negative, batch, guided)  # (rows, 1, tokens, hidden)
+        return AdapterUse(self.adapter_file(), adapter_scale, self._rows(identity.embedding, batch, guided), clip_embeds=clip)
+
+    def loras(self) -> dict[str, float]:
+        return {FACEID_LORA: 1.0}
+
+
+class CharacterReferences:
+    """Character Reference, an Adapter (engine/adapter.py): face analysis, the identity of a request, and
+    its face adapter's contributions; every output is scored against the identity."""
+
+    def __init__(self, face_adapters: Sequence[FaceAdapter], device, *, store: Optional[CharacterStore] = None,
+                 analyzers: Optional[dict[str, FaceAnalyzer]] = None, manifest=None, weights_dir: Optional[Path] = None):
+        self._adapters = {adapter.name: adapter for adapter in face_adapters}
+        self._device, self._store = device, store
+        self._manifest, self._weights_dir = manifest, weights_dir
+        self._analyzers: dict[str, FaceAnalyzer] = dict(analyzers or {})
+
+    def adapter(self, name: str) -> FaceAdapter:
+        if name not in self._adapters:
+            raise CharacterReferenceError(f"this engine has no {name!r} face adapter (it has: {', '.join(self._adapters)})")
+        return self._adapters[name]
 
     def analyzer(self, adapter: str) -> FaceAnalyzer:
         """insightface over the pack `adapter` was trained with, loaded on first use."""
-        pack = PACKS[adapter]
+        pack = self.adapter(adapter).pack
         if pack not in self._analyzers:
             self._analyzers[pack] = FaceAnalyzer.load(pack, device=str(self._device), weights_dir=self._weights_dir,
                                                       manifest=self._manifest)
@@ -114,6 +226,37 @@ class IdentityAdapters:
     @property
     def store(self) -> CharacterStore:
         return self._store or CharacterStore()
+
+    def prepare(self, request: GenerationRequest, ctx: Context) -> Optional["PreparedCharacter"]:
+        ref = request.character
+        if ref is None:
+            return None
+        images = [load_rgb(image, f"character image {n}") for n, image in enumerate(ref.images, 1)]
+        pose = None if ref.pose_image is None else load_rgb(ref.pose_image, "pose image")
+        identity = self.identity(ref, images, pose)
+        record = {
+            **ref.model_dump(mode="json", exclude={"images", "pose_image"}),
+            "images": [image_record(source, image) for source, image in zip(ref.images, images)],
+            "pose_image": image_record(ref.pose_image, pose), "identity_sha256": identity.fingerprint,
+            "files": self._files(ref.adapter),
+        }
+        return PreparedCharacter(self, ref.model_copy(update={"images": images, "pose_image": pose}), identity, record, ctx.loras)
+
+    def replay(self, resolved: ResolvedRequest, ctx: Context) -> Optional["PreparedCharacter"]:
+        record = resolved.character
+        if record is None:
+            return None
+        images = [replay_image(info, f"character image {n}") for n, info in enumerate(record["images"], 1)]
+        pose = None if record["pose_image"] is None else replay_image(record["pose_image"], "pose image")
+        fields = {key: record[key] for key in CharacterReference.model_fields if key not in ("images", "pose_image")}
+        ref = CharacterReference(**fields, images=images, pose_image=pose)
+        identity = self.identity(ref, images, pose)
+        if identity.fingerprint != record["identity_sha256"]:
+            raise ProvenanceError(f"character {ref.name or 'photos'!r} has changed since the image was made (its identity embedding differs)")
+        return PreparedCharacter(self, ref, identity, record, ctx.loras)
+
+    def _files(self, adapter: str) -> dict:
+        return {**self.adapter(adapter).record(), "face_analysis": self.analyzer(adapter).describe()}
 
     # -- identity ---------------------------------------------------------------------------------
 
@@ -143,71 +286,43 @@ class IdentityAdapters:
         analyzer = self.analyzer(adapter)
         return [analyzer.score_image(image, identity.embedding, what=f"output image {n}") for n, image in enumerate(images, 1)]
 
-    # -- contributions ------------------------------------------------------------------------------
 
-    def uses(self, ref: CharacterReference, identity: Identity, batch: int, guided: bool) -> list[AdapterUse]:
-        """The IP-Adapter instance of the character (always instance 0, see FACEID_LORA)."""
-        adapter_scale, _ = character_scales(ref.scale)
-        embeds = self._id_rows(ref, identity, batch, guided)
-        if ref.adapter == "instantid":
-            return [AdapterUse(self._adapter_file("instantid"), adapter_scale, embeds[:, :, None])]  # (rows, 1, 1, 512)
-        positive, negative = self._ip.encode(identity.face_crop, hidden_states=True)
-        clip = cfg_rows(positive, negative, batch, guided)  # (rows, 1, tokens, hidden)
-        return [AdapterUse(self._adapter_file("faceid"), adapter_scale, embeds, clip_embeds=clip)]
+class PreparedCharacter(Prepared):
+    def __init__(self, owner: CharacterReferences, ref: CharacterReference, identity: Identity, record: dict, loras):
+        self._owner, self._ref, self._identity, self._record, self._loras = owner, ref, identity, record, loras
+        self._adapter = owner.adapter(ref.adapter)
+        self._steers = ref.scale > 0  # at weight 0 it adds nothing (outputs are still scored)
 
-    def loras(self, ref: CharacterReference) -> dict[str, float]:
-        """peft adapters to keep active: FaceID's LoRA while a FaceID character is used."""
-        return {FACEID_LORA: 1.0} if ref.adapter == "faceid" else {}
+    def record(self) -> dict:
+        return {"character": self._record}
 
-    def control(self, ref: CharacterReference, identity: Identity, width: int, height: int, batch: int,
-                guided: bool) -> Optional[ControlGuidance]:
-        """InstantID's IdentityNet: a ControlNet on the keypoint picture that attends to the face tokens
-        (the loaded face adapter's projection of the same embeddings the UNet gets)."""
-        _, identitynet_scale = character_scales(ref.scale)
-        if ref.adapter != "instantid" or identitynet_scale == 0:
-            return None
-        model = self._identity_net()
-        rows = self._id_rows(ref, identity, batch, guided)
-        with torch.inference_mode():
-            tokens = self._ip.projection(0)(rows)  # (rows, 16, cross)
-        image = control_tensor(identity.keypoints, width, height, "crop", rows.shape[0], model)
-        return ControlGuidance([ReadyControl(model, image, identitynet_scale, context=tokens.to(model.dtype))])
+    def prompt(self, prompt: str) -> str:
+        """A character's identity text leads the prompt (once: a prompt that already starts with it is kept)."""
+        anchor = self._identity.anchor
+        return prompt if not anchor or prompt.startswith(anchor) else f"{anchor}, {prompt}"
 
-    def _id_rows(self, ref: CharacterReference, identity: Identity, batch: int, guided: bool) -> torch.Tensor:
-        """(rows, 1, 512) identity embeddings, zeros for the unconditional half (both adapters' convention)."""
-        vector = identity.raw_embedding if ref.adapter == "instantid" else identity.embedding
-        embedding = torch.tensor(vector)[None]  # (1, 512): one image per adapter
-        return cfg_rows(embedding, torch.zeros_like(embedding), batch, guided).to(self._device, self._dtype)
+    def patches(self, frame: Frame) -> list:
+        if not self._steers:
+            return []
+        patches = [(self._adapter.ip_adapters, self._adapter.use(self._ref, self._identity, frame.batch, frame.guided))]
+        keep = self._adapter.loras()
+        return patches + ([(self._loras, LoraPatch(keep=keep))] if keep else [])
 
-    def record(self, adapter: str) -> dict:
-        """The files a character request used, for provenance."""
-        file = self._adapter_file(adapter)
-        record = {"adapter": adapter, "file": str(file.folder / file.weight_name),
-                  "sha256": cached_sha256(file.folder / file.weight_name), "face_analysis": self.analyzer(adapter).describe()}
-        if adapter == "instantid":
-            record["identitynet"] = str(self._folder("instantid") / IDENTITYNET_FOLDER)
-        return record
+    def guidance(self, frame: Frame) -> tuple[Guidance, ...]:
+        if not (self._steers and frame.whole):
+            return ()
+        control = self._adapter.control(self._ref, self._identity, frame)
+        return () if control is None else (control,)
 
-    def _adapter_file(self, adapter: str) -> AdapterFile:
-        folder = self._folder(adapter)
-        names = FACEID_FILES if adapter == "faceid" else INSTANTID_FILES
-        for name in names:  # a converted .safetensors first: the published .bin is a pickle
-            if (folder / name).is_file():
-                return AdapterFile(folder, name)
-        raise CharacterReferenceError(f"no {adapter} adapter file ({' or '.join(names)}) in {folder}")
-
-    def _folder(self, adapter: str) -> Path:
-        from engine import weights
-
-        reference = self._references[adapter]
-        folder = Path(reference).expanduser()
-        return folder if folder.is_dir() else weights.require(reference, self._weights_dir, self._manifest)
-
-    def _identity_net(self):
-        if self._identitynet is None:
-            from diffusers import ControlNetModel
-
-            folder = self._folder("instantid") / IDENTITYNET_FOLDER
-            model = ControlNetModel.from_pretrained(str(folder), dtype=self._dtype, use_safetensors=True, local_files_only=True)
-            self._identitynet = model.to(self._device).eval()
-        return self._identitynet
+    def finish(self, result, resolved: ResolvedRequest):
+        """Every output gets its identity score ("no face" when none is found); best_of requests come back
+        best first (their metadata keep their batch index for replay)."""
+        scores = self._owner.score(self._ref.adapter, self._identity, result.images)
+        for meta, score in zip(result.metadata, scores):
+            meta["identity_score"] = "no face" if score is None else round(score, 6)
+        if not resolved.ranked:
+            return result
+        order = ranking(scores)
+        for rank, index in enumerate(order, 1):
+            result.metadata[index]["rank"] = rank
+        return result.reordered(order)

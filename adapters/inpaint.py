@@ -11,14 +11,77 @@ are exactly the input's. `feather` softens the seam inside the mask edge only (n
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from engine.adapter import Context, Prepared
 from engine.conditioning import Guidance
 from engine.errors import InvalidImageError
+from engine.images import load_rgb
+from engine.loading import INPAINT_CHANNELS
+from engine.provenance import image_record, replay_image
+from engine.request import GenerationRequest, ResolvedRequest
+from engine.sampling import Start
+from engine.vae import cover
 
-INPAINT_CHANNELS = 9
+
+class Inpainting:
+    """Inpainting, an Adapter (engine/adapter.py): the request's mask over its init image. An inpainting
+    UNet (Engine.load_inpaint_unet) serves masked requests when one is loaded."""
+
+    def prepare(self, request: GenerationRequest, ctx: Context) -> Optional["PreparedInpaint"]:
+        if request.mask_image is None:
+            refuse_unmasked(ctx.pipe.unet)
+            return None
+        mask = load_rgb(request.mask_image, "mask").convert("L")
+        check_mask_size(mask, ctx.init_image)
+        return PreparedInpaint(mask, ctx.init_image, request.mask_feather, image_record(request.mask_image, mask), ctx.inpaint_unet)
+
+    def replay(self, resolved: ResolvedRequest, ctx: Context) -> Optional["PreparedInpaint"]:
+        if resolved.mask_image is None:
+            refuse_unmasked(ctx.pipe.unet)
+            return None
+        mask = replay_image(resolved.mask_image, "mask").convert("L")
+        return PreparedInpaint(mask, ctx.init_image, resolved.mask_feather, resolved.mask_image, ctx.inpaint_unet)
+
+
+def refuse_unmasked(unet) -> None:
+    if unet.config.in_channels == INPAINT_CHANNELS:
+        raise ValueError("this model is an inpainting model: give an init_image and a mask_image")
+
+
+class PreparedInpaint(Prepared):
+    def __init__(self, mask: Image.Image, init: Image.Image, feather: int, record: dict, inpaint_unet=None):
+        self._mask, self._init, self._feather, self._record, self._unet = mask, init, feather, record, inpaint_unet
+
+    def record(self) -> dict:
+        return {"mask_image": self._record}
+
+    def unet(self, unet):
+        return unet if self._unet is None else self._unet
+
+    def start(self, start: Start) -> tuple[torch.Tensor, Guidance]:
+        """Start latents and the mask's guidance. Random draws per image follow diffusers' inpaint order."""
+        batch, factor = len(start.generators), start.pipe.vae_scale_factor
+        pixels = start.batch_pixels()
+        repaint = mask_tensor(cover(self._mask, start.width, start.height))  # the same crop as the init image
+        small = latent_mask(repaint, pixels.shape[2] // factor, pixels.shape[3] // factor)
+        small = small.repeat(batch, 1, 1, 1).to(start.device, start.dtype)
+        nine_channels = start.unet.config.in_channels == INPAINT_CHANNELS
+        from_noise = start.denoise >= 1.0
+        known = None if (nine_channels and from_noise) else start.encode(pixels)
+        latents, noise = start.noised(None if from_noise else known)
+        if nine_channels:
+            return latents, InpaintGuidance(small, start.guided, masked_latents=start.encode(masked_pixels(pixels, repaint)))
+        return latents, InpaintGuidance(small, start.guided, known_latents=known, noise=noise)
+
+    def decoded(self, pixels: np.ndarray) -> np.ndarray:
+        """Pixels outside the mask are exactly the init image's."""
+        height, width = pixels.shape[1:3]
+        return composite(pixels, cover(self._init, width, height), cover(self._mask, width, height), self._feather)
 
 
 def check_mask_size(mask: Image.Image, init: Image.Image) -> None:

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Iterator, Literal, Optional, Union
 
 import torch
 from PIL import Image
@@ -41,7 +42,10 @@ from engine.conditioning import Guidance
 from engine import paths
 from engine.hashing import cached_sha256
 from engine.loading import check_pickle
+from engine.adapter import Context, Frame, Prepared
 from engine.images import load_rgb, write_atomic
+from engine.provenance import input_record, replay_image
+from engine.request import GenerationRequest, ResolvedRequest
 from engine.request_types import Reference
 
 IP_ADAPTER_ENTRY = "ip-adapter-sdxl"
@@ -96,9 +100,13 @@ class AdapterUse:
 
 class IPAdapters:
     """The IP-Adapter instances of an engine (Style/Content Reference, and the Character Reference face
-    adapters): all the instances a request uses are loaded together, in one diffusers load, and kept until
-    a request needs another set; without any the adapters are unloaded and the UNet is exactly the plain one.
-    The CLIP image encoder (ViT-H, from the `ip-adapter-sdxl` folder) is loaded once and shared."""
+    adapters), a SharedModel (engine/adapter.py): all the instances a request uses are loaded together, in one
+    diffusers load, and attached to the UNet for that generation only; after it the UNet is exactly the plain
+    one again. The loaded instances are kept aside, so the next request with the same files attaches them
+    without reading them again. The CLIP image encoder (ViT-H, from the `ip-adapter-sdxl` folder) is loaded
+    once and shared."""
+
+    order = 0  # before the LoRAs: loading FaceID switches its LoRA on
 
     def __init__(self, pipe, device, dtype, reference: Union[str, Path] = IP_ADAPTER_ENTRY,
                  variant: Literal["vit-h", "plus"] = "vit-h", image_encoder_folder: str = IMAGE_ENCODER_FOLDER,
@@ -108,7 +116,10 @@ class IPAdapters:
         self._manifest, self._weights_dir = manifest, weights_dir  # where a manifest name is looked up
         self._weight_file, self._hidden_states = WEIGHT_FILES[variant], variant == "plus"
         self._allow_pickle = allow_pickle
-        self._loaded: tuple[AdapterFile, ...] = ()
+        self._loaded: tuple[AdapterFile, ...] = ()  # the files of the kept instances
+        self._attached = False  # are they in the UNet now?
+        self._plain: dict = {}  # the UNet's own attention processors, put back on detach
+        self._kept: Optional[tuple[dict, torch.nn.Module]] = None  # their (attention processors, image projection)
         self._encoder = None  # (CLIP vision model, its image processor), loaded on first need
         self._encoder_id: Optional[str] = None  # encoder file hash: worked out once, on first need
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -131,11 +142,26 @@ class IPAdapters:
 
     # -- any adapters ---------------------------------------------------------------------------
 
-    def apply(self, uses: list[AdapterUse]) -> Optional[IPAdapterGuidance]:
-        """Load exactly these adapter instances (in this order), set their scales; their guidance."""
-        self._ensure(tuple(use.file for use in uses))
+    @contextmanager
+    def applied(self, uses: list[AdapterUse]) -> Iterator[tuple[Guidance, ...]]:
+        """These adapter instances in the UNet for the `with` block (in this order, with their scales and
+        embeddings); the plain UNet again after it, also when the block raises."""
         if not uses:
-            return None
+            yield ()
+            return
+        try:
+            yield (self._apply(uses),)
+        finally:
+            self._detach()
+
+    def unload(self) -> None:
+        """Drop the kept instances: the next request loads its adapter files again."""
+        self._detach()
+        self._loaded, self._kept = (), None
+
+    def _apply(self, uses: list[AdapterUse]) -> IPAdapterGuidance:
+        """Attach exactly these adapter instances (in this order), set their scales; their guidance."""
+        self._attach(tuple(use.file for use in uses))
         for index, use in enumerate(uses):
             if use.clip_embeds is not None:  # FaceID-Plus-v2: the face crop's CLIP states, and the v2 shortcut
                 projection = self.projection(index)
@@ -148,25 +174,46 @@ class IPAdapters:
         """The image projection of loaded instance `index` (InstantID feeds its tokens to IdentityNet too)."""
         return self._pipe.unet.encoder_hid_proj.image_projection_layers[index]
 
-    def _ensure(self, files: tuple[AdapterFile, ...]) -> None:
-        if files == self._loaded:
-            return
-        if self._loaded:
-            self._pipe.unload_ip_adapter()
-            self._loaded = ()
-        if not files:
-            return
+    def _attach(self, files: tuple[AdapterFile, ...]) -> None:
+        if files != self._loaded:
+            self.unload()
+            self._load(files)
+        elif not self._attached:  # the same files as last time: put the kept instances back
+            processors, projection = self._kept
+            self._set(processors, projection, "ip_image_proj")
+        self._attached = True
+
+    def _load(self, files: tuple[AdapterFile, ...]) -> None:
         for file in files:
             check_pickle(file.folder / file.weight_name, self._allow_pickle)
         if self._encoder is not None:  # ours, so diffusers loads none (InstantID alone needs no encoder at all)
             self._register_encoder()
         paths = [Path(file.weight_name) for file in files]
-        self._pipe.load_ip_adapter(
-            [str(file.folder) for file in files], subfolder=[str(p.parent) if str(p.parent) != "." else "" for p in paths],
-            weight_name=[p.name for p in paths], image_encoder_folder=None, local_files_only=True,
-        )
-        self._pipe.unet.encoder_hid_proj.to(self._device, self._dtype)
-        self._loaded = files
+        self._plain = dict(self._pipe.unet.attn_processors)
+        try:
+            self._pipe.load_ip_adapter(
+                [str(file.folder) for file in files], subfolder=[str(p.parent) if str(p.parent) != "." else "" for p in paths],
+                weight_name=[p.name for p in paths], image_encoder_folder=None, local_files_only=True,
+            )
+        except BaseException:
+            self._set(self._plain, None, None)  # nothing of a failed load stays in the UNet
+            raise
+        unet = self._pipe.unet
+        unet.encoder_hid_proj.to(self._device, self._dtype)
+        self._loaded, self._kept = files, (dict(unet.attn_processors), unet.encoder_hid_proj)
+
+    def _detach(self) -> None:
+        """The UNet's own processors back, the IP-Adapter's kept aside (what diffusers' unload_ip_adapter
+        undoes, without discarding the loaded weights)."""
+        if self._attached:
+            self._set(self._plain, None, None)
+            self._attached = False
+
+    def _set(self, processors: dict, projection, projection_type: Optional[str]) -> None:
+        unet = self._pipe.unet
+        unet.encoder_hid_proj = projection  # first: a Resampler projection has attention processors of its own
+        unet.config.encoder_hid_dim_type = projection_type  # as diffusers' load/unload_ip_adapter set it
+        unet.set_attn_processor(dict(processors))  # diffusers empties the dict it is given
 
     def _register_encoder(self) -> None:
         if self._encoder is None:
@@ -230,6 +277,39 @@ class IPAdapters:
         except (OSError, ValueError, RuntimeError):
             return None  # absent or damaged: encode again
         return tensors["positive"].to(self._device, self._dtype), tensors["negative"].to(self._device, self._dtype)
+
+
+class StyleContentReferences:
+    """Style and Content Reference, an Adapter (engine/adapter.py): one IP-Adapter instance per kind."""
+
+    def __init__(self, ip_adapters: IPAdapters):
+        self.ip_adapters = ip_adapters
+
+    def prepare(self, request: GenerationRequest, ctx: Context) -> Optional["PreparedReferences"]:
+        if not request.references:
+            return None
+        pictures = [load_rgb(ref.image, f"{ref.kind} reference {i + 1}") for i, ref in enumerate(request.references)]
+        records = [input_record(ref, picture) for ref, picture in zip(request.references, pictures)]
+        loaded = [ref.model_copy(update={"image": picture}) for ref, picture in zip(request.references, pictures)]
+        return PreparedReferences(self.ip_adapters, loaded, records)
+
+    def replay(self, resolved: ResolvedRequest, ctx: Context) -> Optional["PreparedReferences"]:
+        if not resolved.references:
+            return None
+        loaded = [Reference(**{**record, "image": replay_image(record["image"], f"{record['kind']} reference {i + 1}")})
+                  for i, record in enumerate(resolved.references)]
+        return PreparedReferences(self.ip_adapters, loaded, list(resolved.references))
+
+
+class PreparedReferences(Prepared):
+    def __init__(self, ip_adapters: IPAdapters, references: list[Reference], records: list[dict]):
+        self._ip, self._references, self._records = ip_adapters, references, records
+
+    def record(self) -> dict:
+        return {"references": self._records}
+
+    def patches(self, frame: Frame) -> list:
+        return [(self._ip, use) for use in self._ip.reference_uses(self._references, frame.batch, frame.guided)]
 
 
 def cfg_rows(positive: torch.Tensor, negative: torch.Tensor, batch: int, guided: bool) -> torch.Tensor:

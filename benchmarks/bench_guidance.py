@@ -224,8 +224,11 @@ def run_controlnet(profile: Profile, device: torch.device, dtype: torch.dtype, s
     # from pipe.scheduler.config; the diffusers pipelines below share pipe.scheduler).
     pipe.scheduler = build_scheduler(profile.scheduler, pipe.scheduler.config)
     controlnets = build_controlnets(profile, pipe, device, dtype, seed)
+    from adapters.controlnet import ControlNets
+
+    library = engine.adapter(ControlNets).library
     for control_type, controlnet in zip(("canny", "depth"), controlnets):
-        engine.controlnets.register(control_type, controlnet)  # the same module objects diffusers calls
+        library.register(control_type, controlnet)  # the same module objects diffusers calls
     sync(device)
     build_s = time.perf_counter() - start
     one = StableDiffusionXLControlNetPipeline(**pipe.components, controlnet=controlnets[0], add_watermarker=False)

@@ -20,7 +20,7 @@ the embedding is written to the disk cache), (b) the same image again in the sam
 cache), (c) the same image in a fresh IPAdapters on the same pipeline (disk cache under
 engine.paths.cache_dir()). `encoder_runs` is recorded for each step to show the cache working.
 REFGEN_HOME points at a new temporary folder, so the disk cache starts empty.
-The same round then encodes the image as a character: IdentityAdapters.identity for InstantID
+The same round then encodes the image as a character: CharacterReferences.identity for InstantID
 (antelopev2) and for FaceID (buffalo_l), cold (analyzer cache cleared) and again (detection cache),
 FaceID's face crop through the CLIP encoder (IPAdapters.encode(crop, hidden_states=True): cold, memory
 cache, disk cache in a fresh IPAdapters), and the identity score of one output-sized image (the face
@@ -128,9 +128,9 @@ def load_analyzers(packs: Path, device) -> dict:
 
 
 def build_engine(profile: Profile, device, dtype, seed: int, weights: Optional[dict], analyzers: Optional[dict] = None):
-    from adapters.identity import IdentityAdapters
     from adapters.ip_adapter import IPAdapters
     from engine import Engine
+    from engine.compose import Setup, default_adapters
     from engine.loading import ModelInfo
     from engine.tiny import build_tiny_pipeline
 
@@ -139,13 +139,25 @@ def build_engine(profile: Profile, device, dtype, seed: int, weights: Optional[d
         pipe.to(dtype=dtype)
     pipe.watermark = None
     pipe.set_progress_bar_config(disable=True)
-    engine = Engine(pipe, ModelInfo("tiny", "tiny", "in-memory (engine.tiny.build_tiny_pipeline)", notice=None), device, dtype)
+    adapters = None
     if weights is not None:  # as tests/test_character_reference.py's _equip
-        engine.ip_adapters = IPAdapters(pipe, device, dtype, reference=weights["ip"])
-        if "faceid" in weights:
-            engine.identity = IdentityAdapters(engine.ip_adapters, device, dtype, faceid=weights["faceid"],
-                                               instantid=weights["instantid"], analyzers=analyzers)
-    return engine
+        faces = {"faceid": weights["faceid"], "instantid": weights["instantid"]} if "faceid" in weights else {}
+        adapters = default_adapters(Setup(pipe, device, dtype), ip_adapters=IPAdapters(pipe, device, dtype, reference=weights["ip"]),
+                                    analyzers=analyzers, **faces)
+    return Engine(pipe, ModelInfo("tiny", "tiny", "in-memory (engine.tiny.build_tiny_pipeline)", notice=None), device, dtype,
+                  adapters=adapters)
+
+
+def ip_adapters(engine):
+    from adapters.ip_adapter import StyleContentReferences
+
+    return engine.adapter(StyleContentReferences).ip_adapters
+
+
+def characters(engine):
+    from adapters.identity import CharacterReferences
+
+    return engine.adapter(CharacterReferences)
 
 
 ENGINES = ("plain", "style", "style+content", "switching", "instantid", "faceid", "style+instantid")
@@ -207,11 +219,11 @@ def run(profile: Profile, device, dtype, seed: int, home: Path) -> dict:
         log(f"  {name}: warm-up {side.warmup_s:.3f} s")
         sides[name] = side
         if engine_name == "switching":  # unload first: every timed call pays unload + load, whatever the order
-            variants.append((name, lambda e=engine, r=req: (e.ip_adapters._ensure(()), e.generate(r))[1]))
+            variants.append((name, lambda e=engine, r=req: (ip_adapters(e).unload(), e.generate(r))[1]))
         else:
             variants.append((name, lambda e=engine, r=req: e.generate(r)))
     loadavg_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    runs_before = {n: e.ip_adapters.encoder_runs for n, e in engines.items()}
+    runs_before = {n: ip_adapters(e).encoder_runs for n, e in engines.items()}
     analyses_before = {p: a.cache.misses for p, a in analyzers.items()}
     for index in range(profile.runs):
         order = variants if index % 2 == 0 else variants[::-1]
@@ -223,7 +235,7 @@ def run(profile: Profile, device, dtype, seed: int, home: Path) -> dict:
             side.cpu_times.append(cpu)
             side.peaks.append(peak)
         log(f"  run {index + 1}/{profile.runs}: " + ", ".join(f"{n} {sides[n].times[-1]:.3f}" for n, _ in variants))
-    encoder_runs_during_timing = {n: e.ip_adapters.encoder_runs - runs_before[n] for n, e in engines.items()}
+    encoder_runs_during_timing = {n: ip_adapters(e).encoder_runs - runs_before[n] for n, e in engines.items()}
     face_analyses_during_timing = {p: a.cache.misses - analyses_before[p] for p, a in analyzers.items()}
 
     plain = sides["plain"]
@@ -276,13 +288,13 @@ def describe_character(weights: dict, analyzers: dict) -> dict:
 ENCODER_GROUPS = {
     "style": ("style image, `IPAdapters.encode(image)` (CLIP image embedding)", "encoder_runs",
               ("cold", "memory", "disk")),
-    "instantid": ("character photo for InstantID, `IdentityAdapters.identity` (antelopev2 face analysis, ArcFace "
+    "instantid": ("character photo for InstantID, `CharacterReferences.identity` (antelopev2 face analysis, ArcFace "
                   "embedding, keypoint picture)", "face analyses", ("cold", "cached")),
-    "faceid": ("character photo for FaceID, `IdentityAdapters.identity` (buffalo_l face analysis, ArcFace embedding, "
+    "faceid": ("character photo for FaceID, `CharacterReferences.identity` (buffalo_l face analysis, ArcFace embedding, "
                "aligned face crop)", "face analyses", ("cold", "cached")),
     "faceid-crop": ("FaceID's face crop, `IPAdapters.encode(crop, hidden_states=True)` (CLIP hidden states)",
                     "encoder_runs", ("cold", "memory", "disk")),
-    "score": ("identity score of one output-sized image, `IdentityAdapters.score` (antelopev2 face analysis of the "
+    "score": ("identity score of one output-sized image, `CharacterReferences.score` (antelopev2 face analysis of the "
               "output, as every character output pays)", "face analyses", ("cold", "cached")),
 }
 STEP_NAMES = {"cold": "cold (not cached)", "memory": "again, same IPAdapters (memory cache)",
@@ -319,13 +331,13 @@ def run_encoder(profile: Profile, engines: dict, device, dtype, weights: dict, c
         def encodes(group, name, image, hidden_states):  # cold, memory cache, disk cache (a fresh IPAdapters)
             fresh = IPAdapters(engines[name].pipe, device, dtype, reference=weights["ip"])
             results = [measure(group, step, lambda t=target: t.encode(image, hidden_states), lambda t=target: t.encoder_runs)[0]
-                       for step, target in (("cold", engines[name].ip_adapters), ("memory", engines[name].ip_adapters),
+                       for step, target in (("cold", ip_adapters(engines[name])), ("memory", ip_adapters(engines[name])),
                                             ("disk", fresh))]
             if not all(torch.equal(results[0].float().cpu(), r.float().cpu()) for r in results[1:]):
                 raise RuntimeError(f"{group}: cached embedding differs from the encoded one")
 
         def analyses(group, adapter, fn):  # cold (the pack's detection cache cleared), then cached
-            analyzer = engines[adapter].identity.analyzer(adapter)
+            analyzer = characters(engines[adapter]).analyzer(adapter)
             analyzer.cache.clear()
             return [measure(group, step, fn, lambda: analyzer.cache.misses) for step in ("cold", "cached")]
 
@@ -333,13 +345,13 @@ def run_encoder(profile: Profile, engines: dict, device, dtype, weights: dict, c
         identities = {}
         for adapter in CHARACTER_ADAPTERS:
             ref = CharacterReference(images=[picture], adapter=adapter)
-            identity = engines[adapter].identity
+            identity = characters(engines[adapter])
             cold, cached = analyses(adapter, adapter, lambda i=identity, r=ref: i.identity(r, [picture], None))
             if cold.fingerprint != cached.fingerprint:
                 raise RuntimeError(f"{adapter}: the cached identity differs from the analysed one")
             identities[adapter] = cold
         encodes("faceid-crop", "faceid", identities["faceid"].face_crop, True)
-        instantid = engines["instantid"].identity
+        instantid = characters(engines["instantid"])
         scores = analyses("score", "instantid", lambda: instantid.score("instantid", identities["instantid"], [output]))
         if scores[0] != scores[1]:
             raise RuntimeError("the cached identity score differs")

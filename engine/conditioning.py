@@ -13,7 +13,8 @@ class Guidance:
 
     The loop calls these hooks at every step and never needs to know which adapter it has; each
     hook does nothing unless the adapter overrides it. How contributions combine: entries of
-    `added_cond_kwargs` are merged, ControlNet-style residuals are summed, other keys are set.
+    `added_cond_kwargs` are merged, and a key several contributions give is summed (residuals of
+    ControlNets, T2I-Adapters, IdentityNet).
     """
 
     def unet_kwargs(self, latent_input: torch.Tensor, timestep: torch.Tensor, step: int, total: int, cond: "Conditioning") -> dict:

@@ -163,3 +163,43 @@ def fp16_safe_vae(dtype: torch.dtype):
         return None, None
     folder = manifest.get(FP16_VAE_ENTRY).folder()
     return AutoencoderKL.from_pretrained(str(folder), dtype=dtype, local_files_only=True), FP16_VAE_ENTRY
+
+
+INPAINT_CHANNELS = 9  # an SDXL inpainting UNet's input: latents, mask, masked-image latents
+
+
+def load_inpaint_unet(reference, device: torch.device, dtype: torch.dtype, manifest=None, weights_dir: Optional[Path] = None):
+    """An SDXL inpainting UNet (9 input channels): a manifest name (`sdxl-inpainting`), a diffusers model
+    folder with unet/, or a UNet folder."""
+    from diffusers import UNet2DConditionModel
+
+    from . import weights
+
+    folder = Path(reference).expanduser()
+    if not folder.is_dir():
+        folder = weights.require(str(reference), weights_dir, manifest)
+    subfolder = "unet" if (folder / "unet").is_dir() else None
+    variant = "fp16" if any((folder / (subfolder or "")).glob("*.fp16.safetensors")) else None
+    unet = UNet2DConditionModel.from_pretrained(
+        str(folder), subfolder=subfolder, variant=variant, dtype=dtype, use_safetensors=True, local_files_only=True
+    )
+    if unet.config.in_channels != INPAINT_CHANNELS:
+        raise ValueError(f"{reference} is not an inpainting UNet: it has {unet.config.in_channels} input channels, not 9")
+    return unet.to(device).eval()
+
+
+def configure_attention(pipe, attention: str, device: torch.device) -> None:
+    """SDPA is diffusers' default; xformers when asked for (or 'auto' on CUDA with xformers installed)."""
+    if attention not in {"auto", "sdpa", "xformers"}:
+        raise ValueError(f"attention must be auto, sdpa or xformers, not {attention!r}")
+    wants_xformers = attention == "xformers" or (attention == "auto" and device.type == "cuda" and _has_xformers())
+    if wants_xformers:
+        if not _has_xformers():
+            raise ValueError("attention='xformers' but xformers is not installed (pip install 'refgen[xformers]')")
+        pipe.enable_xformers_memory_efficient_attention()
+
+
+def _has_xformers() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("xformers") is not None

@@ -12,8 +12,10 @@ file's, and whatever a failed load left behind is deleted.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from .errors import RefgenError
 from .hashing import cached_sha256
@@ -32,7 +34,18 @@ class PeftVersionError(LoraError):
     """The installed peft cannot load LoRAs into this diffusers/transformers: an install problem, not the file's."""
 
 
+@dataclass(frozen=True)
+class LoraPatch:
+    """LoRAs one generation switches on: the request's files, and already loaded peft adapters by name
+    (an adapter's own LoRA, such as FaceID's)."""
+
+    specs: tuple[LoraSpec, ...] = ()
+    keep: dict[str, float] = field(default_factory=dict)
+
+
 class LoraSet:
+    order = 1  # after the IP-Adapters (a SharedModel, engine/adapter.py): loading FaceID switches its LoRA on
+
     def __init__(self, pipe, allow_pickle: bool = False):
         self._pipe = pipe
         self._allow_pickle = allow_pickle
@@ -62,6 +75,20 @@ class LoraSet:
         self._pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
         self._active = True
         return identities
+
+    def identities(self, specs: list[LoraSpec]) -> list[dict]:
+        """The files' identities for provenance (checked to exist and be allowed before anything loads)."""
+        return [self._identity(spec) for spec in specs]
+
+    @contextmanager
+    def applied(self, patches: list[LoraPatch]) -> Iterator[tuple]:
+        """Exactly these LoRAs on for the `with` block, all off after it (the weights stay loaded)."""
+        keep = {name: weight for patch in patches for name, weight in patch.keep.items()}
+        self.activate([spec for patch in patches for spec in patch.specs], keep)
+        try:
+            yield ()
+        finally:
+            self._deactivate()
 
     def _deactivate(self) -> None:
         if self._active:

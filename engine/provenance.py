@@ -13,12 +13,13 @@ import warnings
 from datetime import datetime, timezone
 from importlib import metadata as package_metadata
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Union
 
 from PIL import Image, PngImagePlugin
 
 from .errors import ProvenanceError
-from .images import write_atomic
+from .hashing import sha256_file
+from .images import load_rgb, write_atomic
 from .schedulers import SCHEDULERS
 
 FORMAT_VERSION = 1
@@ -125,3 +126,96 @@ def read_metadata(path: Path) -> dict:
     if meta.get("format") != FORMAT_VERSION:
         raise ProvenanceError(f"{path} uses metadata format {meta.get('format')}; this refgen reads {FORMAT_VERSION}")
     return meta
+
+
+# -- records of the inputs, and the way back from them ----------------------------------------------
+
+
+def request_record(request) -> dict:
+    """The request as given, JSON-safe: image inputs become their path (or a marker when in memory)."""
+    record = request.model_dump(mode="json", exclude={"init_image", "mask_image", "controlnets", "references", "character"})
+    record["init_image"] = source_label(request.init_image)
+    record["mask_image"] = source_label(request.mask_image)
+    if request.character is not None:
+        character = request.character
+        record["character"] = {**character.model_dump(mode="json", exclude={"images", "pose_image"}),
+                               "images": [source_label(image) for image in character.images],
+                               "pose_image": source_label(character.pose_image)}
+    for name in ("controlnets", "references"):
+        record[name] = [
+            {**item.model_dump(mode="json", exclude={"image"}), "image": source_label(item.image)} for item in getattr(request, name)
+        ]
+    return record
+
+
+def source_label(source: Any) -> Optional[str]:
+    if source is None:
+        return None
+    return str(source) if isinstance(source, (str, Path)) else "<in-memory image>"
+
+
+def image_record(source: Any, image: Optional[Image.Image]) -> Optional[dict]:
+    """Where an input image came from and the hash of the file (or of its pixels, in memory)."""
+    if image is None:
+        return None
+    if isinstance(source, (str, Path)):
+        return {"path": str(Path(source).resolve()), "sha256": sha256_file(Path(source))}
+    import hashlib
+
+    return {"path": None, "sha256": hashlib.sha256(image.tobytes()).hexdigest(), "hash_of": "rgb pixels"}
+
+
+def input_record(item, image: Image.Image) -> dict:
+    """An image input (control unit, reference) as provenance: its settings and its image's identity."""
+    return {**item.model_dump(mode="json", exclude={"image"}), "image": image_record(item.image, image)}
+
+
+def replay_image(info: dict, what: str, override: Optional[Union[str, Path]] = None) -> Image.Image:
+    """An input image named in provenance, checked against its recorded hash."""
+    return replay_input(info, what, override)[0]
+
+
+def replay_input(info: dict, what: str, override: Optional[Union[str, Path]] = None) -> tuple[Image.Image, dict]:
+    """replay_image, and the record with the path it was found at."""
+    path = Path(override) if override else (Path(info["path"]) if info.get("path") else None)
+    if path is None or not path.is_file():
+        raise ProvenanceError(
+            f"this image was made from a {what} that is not available ({info.get('path') or 'in memory'})"
+            + ("; pass it with --init / init_image=" if what == "init image" else "")
+        )
+    actual = sha256_file(path)
+    if info.get("path") and actual != info["sha256"]:
+        raise ProvenanceError(f"{what} {path} has changed since the image was made (sha256 {actual[:12]} != {info['sha256'][:12]})")
+    return load_rgb(path, what), {**info, "path": str(path.resolve())}
+
+
+# -- records of the engine --------------------------------------------------------------------------
+
+
+def model_record(model) -> dict:
+    return {
+        "reference": model.reference, "kind": model.kind, "location": model.location,
+        "hashes": model.hashes, "short_hash": model.short_hash, "vae": model.vae,
+    }
+
+
+def scheduler_record(name: str, base_config) -> dict:
+    spec = SCHEDULERS[name]
+    return {"name": name, "class": spec.class_name, "options": spec.options, "base_config": jsonable(dict(base_config))}
+
+
+def device_record(device, dtype) -> dict:
+    import torch
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"type": device.type, "name": name, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

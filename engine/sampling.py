@@ -9,10 +9,11 @@ from __future__ import annotations
 import inspect
 from decimal import Decimal
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
+from . import vae as vae_ops
 from .conditioning import Conditioning
 from .errors import GenerationCancelled
 
@@ -40,6 +41,50 @@ def initial_noise(shape, generators: list[torch.Generator], device, dtype) -> to
     single = (1, *shape[1:])
     parts = [torch.randn(single, generator=g, device=g.device, dtype=dtype) for g in generators]
     return torch.cat(parts).to(device)
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where one pass begins: what the default start and an adapter's own start (inpainting) draw from."""
+
+    pipe: Any  # its VAE and latent shape
+    unet: Any
+    scheduler: Any
+    timesteps: torch.Tensor
+    generators: list[torch.Generator]
+    width: int
+    height: int
+    denoise: float  # 1.0: from pure noise
+    guided: bool
+    device: torch.device
+    dtype: torch.dtype
+    init_pixels: Optional[torch.Tensor] = None  # (1 or B, 3, H, W) in [-1, 1], fitted to the output size
+
+    def noised(self, clean: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(start latents, the noise they hold): pure noise, or `clean` latents noised to the first timestep.
+
+        Image i's noise comes from generator i alone, so image i equals a single run with its seed.
+        """
+        factor, batch = self.pipe.vae_scale_factor, len(self.generators)
+        shape = (batch, self.pipe.vae.config.latent_channels, self.height // factor, self.width // factor)
+        noise = initial_noise(shape, self.generators, self.device, self.dtype)
+        if clean is None:
+            return noise * self.scheduler.init_noise_sigma, noise
+        return self.scheduler.add_noise(clean, noise, self.timesteps[:1].repeat(batch)), noise
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return vae_ops.encode(self.pipe.vae, pixels, self.generators, self.device, self.dtype)
+
+    def batch_pixels(self) -> torch.Tensor:
+        """The init pixels once per image of the batch."""
+        pixels = self.init_pixels
+        return pixels.expand(len(self.generators), -1, -1, -1) if pixels.shape[0] == 1 else pixels
+
+    def latents(self) -> torch.Tensor:
+        """txt2img: noise; img2img: the init image's latents noised to the first timestep."""
+        if self.init_pixels is None:
+            return self.noised()[0]
+        return self.noised(self.encode(self.batch_pixels()))[0]
 
 
 def schedule(scheduler, steps: int, denoise: float, device) -> torch.Tensor:
@@ -85,17 +130,12 @@ def predict_noise(unet, latents, timestep, cond: Conditioning, scheduler, step: 
     return unconditional + cond.guidance_scale * (conditional - unconditional)
 
 
-_SUMMED = ("down_block_additional_residuals", "mid_block_additional_residual")
-
-
 def _merge(kwargs: dict, extra: dict) -> None:
-    """Fold one contribution into the UNet kwargs: residuals of several ControlNets add up."""
+    """Fold one contribution into the UNet kwargs: `added_cond_kwargs` entries are merged, and a key that
+    several contributions give is summed (residuals: ControlNets, T2I-Adapters, IdentityNet add up)."""
     kwargs["added_cond_kwargs"].update(extra.pop("added_cond_kwargs", {}))
     for key, value in extra.items():
-        if key in _SUMMED and key in kwargs:
-            kwargs[key] = _add(kwargs[key], value)
-        else:
-            kwargs[key] = value
+        kwargs[key] = _add(kwargs[key], value) if key in kwargs else value
 
 
 def _add(left, right):

@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import NonFiniteOutputError
+
+
+def cover(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale and centre-crop to the output size, so an init image (and its mask) is never distorted."""
+    if image.size == (width, height):
+        return image
+    return ImageOps.fit(image, (width, height), Image.LANCZOS)
 
 
 def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:

@@ -17,14 +17,15 @@ from pydantic import ValidationError
 
 import tiny_faces as tf
 from adapters.characters import CharacterStore, UnknownCharacterError
-from adapters.controlnet import fit_image
+from adapters.controlnet import ControlNets, fit_image
 from engine.request_types import ControlUnit
 from adapters.faces import FaceAnalyzer, FaceIndexError, NoFaceError, keypoints_image
-from adapters.identity import FACEID_LORA, IdentityAdapters
+from adapters.identity import FACEID_LORA, CharacterReferences
 from engine.request_types import CharacterReference, character_scales
 from adapters.ip_adapter import IPAdapters
 from engine.request_types import Reference
 from engine import Engine, GenerationRequest
+from engine.compose import default_adapters
 from engine.errors import InvalidImageError, ProvenanceError, UnsafeWeightsError
 from conftest import COMMITTED_MANIFEST
 from test_parity import TOLERANCE, _diffusers_scheduler, _max_diff
@@ -79,17 +80,24 @@ def store(tmp_path_factory) -> CharacterStore:
     return CharacterStore(tmp_path_factory.mktemp("characters"))
 
 
-def _equip(engine: Engine, weights, analyzers, store) -> Engine:
-    engine.ip_adapters = IPAdapters(engine.pipe, engine.device, engine.dtype, reference=weights["ip"])
-    engine.identity = IdentityAdapters(engine.ip_adapters, engine.device, engine.dtype, faceid=weights["faceid"],
-                                       instantid=weights["instantid"], store=store, analyzers=analyzers)
-    engine.controlnets.register("canny", weights["canny"])
+def _equip(tiny_model_dir, weights, analyzers, store, **faces) -> Engine:
+    """An engine with the tiny IP-Adapter, face adapters and canny ControlNet (`faces`: other face adapter folders)."""
+    def adapters(setup):
+        ip = IPAdapters(setup.pipe, setup.device, setup.dtype, reference=weights["ip"])
+        return default_adapters(setup, ip_adapters=ip, store=store, analyzers=analyzers,
+                                **{"faceid": weights["faceid"], "instantid": weights["instantid"], **faces})
+    engine = Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32", adapters=adapters)
+    engine.adapter(ControlNets).library.register("canny", weights["canny"])
     return engine
+
+
+def _characters(engine: Engine) -> CharacterReferences:
+    return engine.adapter(CharacterReferences)
 
 
 @pytest.fixture(scope="module")
 def char_engine(tiny_model_dir, weights, analyzers, store):
-    return _equip(Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32"), weights, analyzers, store)
+    return _equip(tiny_model_dir, weights, analyzers, store)
 
 
 def _request(**fields) -> GenerationRequest:
@@ -182,7 +190,7 @@ def test_weight_zero_is_no_character_and_the_character_changes_the_image(char_en
     assert _max_diff(zero.pixels, plain) == 0.0
     assert isinstance(zero.metadata[0]["identity_score"], float)  # scored even when not steering
     assert _max_diff(steered, plain) > 1e-3
-    assert char_engine.pipe.unet.encoder_hid_proj is not None or adapter == "instantid"
+    assert char_engine.pipe.unet.encoder_hid_proj is None  # the face adapter was attached for its generation only
     after = char_engine.generate(_request()).pixels  # the adapters and FaceID's LoRA are off again
     assert _max_diff(after, plain) == 0.0
 
@@ -215,27 +223,27 @@ def test_a_saved_character_equals_its_photos_and_leads_the_prompt_with_its_ancho
 def test_a_profile_from_another_pack_is_re_embedded_for_faceid(char_engine, store, analyzers, astronaut):
     store.create("Eileen", [astronaut], analyzers["antelopev2"], overwrite=True)
     ref = CharacterReference(name="Eileen", adapter="faceid")
-    identity = char_engine.identity.identity(ref, [], None)
+    identity = _characters(char_engine).identity(ref, [], None)
     np.testing.assert_allclose(identity.embedding, analyzers["buffalo_l"].embed([astronaut]), atol=1e-6)
     assert identity.pack == "buffalo_l"
 
 
 def test_several_photos_are_averaged(char_engine, analyzers, astronaut):
     mirrored = ImageOps.mirror(astronaut)
-    identity = char_engine.identity.identity(CharacterReference(images=[astronaut, mirrored]), [astronaut, mirrored], None)
+    identity = _characters(char_engine).identity(CharacterReference(images=[astronaut, mirrored]), [astronaut, mirrored], None)
     np.testing.assert_allclose(identity.embedding, analyzers["antelopev2"].embed([astronaut, mirrored]), atol=1e-6)
     faces = [analyzers["antelopev2"].analyze(photo) for photo in (astronaut, mirrored)]
     np.testing.assert_allclose(identity.raw_embedding, np.mean([f.embedding * f.embedding_norm for f in faces], axis=0), atol=1e-5)
-    one = char_engine.identity.identity(CharacterReference(images=[astronaut]), [astronaut], None)
+    one = _characters(char_engine).identity(CharacterReference(images=[astronaut]), [astronaut], None)
     assert identity.fingerprint != one.fingerprint
 
 
 def test_a_pose_image_moves_instantids_keypoints(char_engine, astronaut):
     pose = astronaut.resize((256, 512))  # the tiny detector puts the face at the same pixels: a narrower canvas
     ref = CharacterReference(images=[astronaut], pose_image=pose)
-    identity = char_engine.identity.identity(ref, [astronaut], pose)
+    identity = _characters(char_engine).identity(ref, [astronaut], pose)
     assert identity.keypoints.size == pose.size
-    assert identity.fingerprint == char_engine.identity.identity(CharacterReference(images=[astronaut]), [astronaut], None).fingerprint
+    assert identity.fingerprint == _characters(char_engine).identity(CharacterReference(images=[astronaut]), [astronaut], None).fingerprint
     plain = char_engine.generate(_request(character=CharacterReference(images=[astronaut]))).pixels
     posed = char_engine.generate(_request(character=ref)).pixels
     assert _max_diff(posed, plain) > 0  # same identity, keypoints elsewhere in the frame
@@ -274,10 +282,10 @@ def test_a_ranked_character_image_replays_bit_identically(char_engine, astronaut
 
 
 def test_no_face_in_an_output_is_recorded_as_no_face(char_engine, analyzers, astronaut):
-    identity = char_engine.identity.identity(CharacterReference(images=[astronaut]), [astronaut], None)
+    identity = _characters(char_engine).identity(CharacterReference(images=[astronaut]), [astronaut], None)
     black = Image.new("RGB", (64, 64))
-    assert char_engine.identity.score("instantid", identity, [black, astronaut])[0] is None
-    assert char_engine.identity.score("instantid", identity, [astronaut])[0] == pytest.approx(1.0, abs=1e-5)
+    assert _characters(char_engine).score("instantid", identity, [black, astronaut])[0] is None
+    assert _characters(char_engine).score("instantid", identity, [astronaut])[0] == pytest.approx(1.0, abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------- one request, everything
@@ -340,7 +348,7 @@ def test_the_published_pickle_is_refused_without_allow_pickle(tiny_model_dir, we
     pickled = tmp_path / "instantid"
     save_tiny_instantid(unet, pickled, pickle=True)
     save_tiny_identitynet(unet, pickled)
-    engine = _equip(Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32"), {**weights, "instantid": pickled}, analyzers, store)
+    engine = _equip(tiny_model_dir, weights, analyzers, store, instantid=pickled)
     with pytest.raises(UnsafeWeightsError, match="allow_pickle"):
         engine.generate(_request(character=CharacterReference(images=[astronaut])))
     assert FACEID_LORA not in (getattr(engine.pipe.unet, "peft_config", None) or {})
@@ -371,9 +379,7 @@ def test_converting_the_published_pickle_once_makes_it_load_without_allow_pickle
 
     written = weights_module.convert_pickles(weights_module.Manifest.load().get("instantid"))
     assert written == [folder / "ip-adapter.safetensors"]
-    engine = _equip(Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32"), weights, analyzers, store)
-    engine.identity = IdentityAdapters(engine.ip_adapters, engine.device, engine.dtype, instantid="instantid",
-                                       store=store, analyzers=analyzers)
+    engine = _equip(tiny_model_dir, weights, analyzers, store, instantid="instantid")
     request = _request(character=CharacterReference(images=[astronaut]))
     assert np.array_equal(engine.generate(request).pixels, char_engine.generate(request).pixels)
 
@@ -385,11 +391,42 @@ def test_converting_the_published_pickle_once_makes_it_load_without_allow_pickle
 
 
 def test_instantid_alone_needs_no_clip_image_encoder(tiny_model_dir, weights, analyzers, store, astronaut, char_engine):
-    engine = Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32")  # its IP-Adapter folder is not fetched here
-    engine.identity = IdentityAdapters(engine.ip_adapters, engine.device, engine.dtype, instantid=weights["instantid"],
-                                       store=store, analyzers=analyzers)
+    engine = Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32",  # its IP-Adapter folder is not fetched here
+                         adapters=lambda setup: default_adapters(setup, instantid=weights["instantid"], store=store, analyzers=analyzers))
     request = _request(character=CharacterReference(images=[astronaut]))
     assert np.array_equal(engine.generate(request).pixels, char_engine.generate(request).pixels)
+
+
+@pytest.mark.parametrize("adapter, stop", [("faceid", "raise"), ("instantid", "cancel")])
+def test_a_generation_that_stops_half_way_leaves_the_models_as_a_fresh_engine_has_them(
+        tiny_model_dir, weights, analyzers, store, astronaut, tmp_path, adapter, stop):
+    """A LoRA, a style reference and a character (FaceID brings a LoRA of its own, InstantID its IdentityNet) patch
+    the shared models for one generation only: when it raises or is cancelled half-way, the next plain generation
+    is bit-identical to a fresh engine's."""
+    from engine.errors import GenerationCancelled
+    from lora_layouts import random_lora, write_diffusers_lora
+
+    engine = _equip(tiny_model_dir, weights, analyzers, store)
+    lora = write_diffusers_lora(engine.pipe, random_lora(engine.pipe, seed=4), tmp_path / "lora.safetensors")
+
+    def half_way(info):
+        if info.step == 1:
+            if stop == "raise":
+                raise RuntimeError("out of memory")
+            return False
+
+    busy = _request(loras=[str(lora)], references=[Reference(kind="style", image=astronaut)],
+                    character=CharacterReference(images=[astronaut], adapter=adapter))
+    with pytest.raises(RuntimeError if stop == "raise" else GenerationCancelled):
+        engine.generate(busy, on_step=half_way)
+    fresh = Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32")
+
+    def untouched(pipe):  # diffusers' own call on the shared models: no request of ours comes in between
+        return pipe(prompt=PROMPT, width=64, height=64, num_inference_steps=2, guidance_scale=5.0, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+    assert engine.pipe.unet.encoder_hid_proj is None
+    assert np.array_equal(untouched(engine.pipe), untouched(fresh.pipe))
+    assert np.array_equal(engine.generate(_request()).pixels, fresh.generate(_request()).pixels)
 
 
 def test_ranking_puts_the_best_likeness_first_and_faceless_images_last():

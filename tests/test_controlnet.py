@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from adapters.controlnet import ControlError, fit_image
+from adapters.controlnet import ControlError, ControlNetLibrary, ControlNets, fit_image
 
 from engine.request_types import ControlUnit
 from conftest import generators
 from engine import Engine, GenerationRequest, WeightsMissingError
+from engine.compose import default_adapters
 from test_parity import TOLERANCE, _diffusers_scheduler, _init_image, _max_diff
 
 
@@ -135,19 +137,23 @@ def test_grayscale_alpha_and_cmyk_control_images_work(control_engine):
         assert control_engine.generate(_request(steps=2, controlnets=[_unit("canny", variant)])).images[0].size == (64, 64)
 
 
-def test_a_type_no_loaded_model_serves_lists_what_is_available(tiny_model_dir, controlnet_dirs):
-    from adapters.controlnet import ControlNetLibrary
+def _engine_with(tiny_model_dir, library: ControlNetLibrary) -> Engine:
+    """An engine whose ControlNets come from `library` alone."""
+    return Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32",
+                       adapters=lambda setup: default_adapters(setup, controlnets=library))
 
-    engine = Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32")
-    engine.controlnets = ControlNetLibrary(engine.device, engine.dtype, dict(controlnet_dirs), use_manifest=False)
+
+def test_a_type_no_loaded_model_serves_lists_what_is_available(tiny_model_dir, controlnet_dirs):
+    engine = _engine_with(tiny_model_dir, ControlNetLibrary(torch.device("cpu"), torch.float32, dict(controlnet_dirs), use_manifest=False))
     with pytest.raises(ControlError, match="'lineart'.*served: canny, depth"):
         engine.generate(_request(controlnets=[_unit("lineart", _control_map(64, 64, 0))]))
 
 
 def test_by_default_every_type_is_served_from_the_manifest(engine):
-    assert engine.controlnets.served_types() == ["canny", "depth", "lineart", "normal", "pose", "scribble", "softedge"]
-    assert engine.controlnets.identity("canny") == "single:controlnet-canny-sdxl"
-    assert engine.controlnets.identity("lineart") == "union:controlnet-union-sdxl"
+    library = engine.adapter(ControlNets).library
+    assert library.served_types() == ["canny", "depth", "lineart", "normal", "pose", "scribble", "softedge"]
+    assert library.identity("canny") == "single:controlnet-canny-sdxl"
+    assert library.identity("lineart") == "union:controlnet-union-sdxl"
 
 
 def test_missing_union_weights_name_the_fetch_command(engine, refgen_home):
@@ -177,11 +183,9 @@ def union_dir(tiny_model_dir, tmp_path_factory):
 def test_a_union_unit_matches_the_diffusers_union_pipeline(tiny_model_dir, reference_pipe, union_dir, kind, mode):
     from diffusers import ControlNetUnionModel, StableDiffusionXLControlNetUnionPipeline
 
-    from adapters.controlnet import ControlNetLibrary
-
-    engine = Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32")
-    engine.controlnets = ControlNetLibrary(engine.device, engine.dtype, use_manifest=False)
-    engine.controlnets.register_union(union_dir)
+    library = ControlNetLibrary(torch.device("cpu"), torch.float32, use_manifest=False)
+    library.register_union(union_dir)
+    engine = _engine_with(tiny_model_dir, library)
     control = _control_map(64, 64, 9)
     ours = engine.generate(_request(num_images=2, controlnets=[_unit(kind, control, weight=0.8, end=0.8)])).pixels
 
@@ -219,7 +223,7 @@ def _photo(size: int = 64) -> Image.Image:
 def test_a_photo_is_preprocessed_automatically_and_a_control_map_is_not(control_engine):
     photo = _photo()
     auto = control_engine.generate(_request(controlnets=[ControlUnit(type="canny", image=photo, weight=2.0)])).pixels
-    edges = control_engine.preprocessors.run("canny", photo)
+    edges = control_engine.adapter(ControlNets).preprocessors.run("canny", photo)
     from_edges = control_engine.generate(_request(controlnets=[ControlUnit(type="canny", image=edges, weight=2.0)])).pixels
     raw_photo = control_engine.generate(_request(controlnets=[_unit("canny", photo, weight=2.0)])).pixels
     assert np.array_equal(auto, from_edges)  # the photo became its canny map; the map was used as is

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("engine", "adapters")
 FRONT_ENDS = ("engine.cli", "engine.api")
 # The one place of the core that names concrete adapters: it builds the Engine's default adapter set.
-COMPOSITION = {"engine.engine"}
+COMPOSITION = {"engine.compose"}
 
 
 def module_name(path: Path) -> str:

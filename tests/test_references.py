@@ -7,11 +7,12 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from adapters.ip_adapter import IPAdapters, block_scales
+from adapters.ip_adapter import IPAdapters, StyleContentReferences, block_scales
 
 from engine.request_types import Reference
 from conftest import generators
 from engine import Engine, GenerationRequest, WeightsMissingError
+from engine.compose import default_adapters
 from test_parity import TOLERANCE, _diffusers_scheduler, _max_diff
 from tiny_ip_adapter import save_tiny_ip_adapter
 
@@ -24,11 +25,20 @@ def ip_root(tiny_model_dir, tmp_path_factory):
     return save_tiny_ip_adapter(unet, tmp_path_factory.mktemp("ip") / "IP-Adapter")
 
 
+def ip_engine(tiny_model_dir, ip_root, **options) -> Engine:
+    """An engine whose IP-Adapter comes from the tiny folder `ip_root`."""
+    def adapters(setup):
+        return default_adapters(setup, ip_adapters=IPAdapters(setup.pipe, setup.device, setup.dtype, reference=ip_root, **options))
+    return Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32", adapters=adapters)
+
+
+def encoder_runs(engine: Engine) -> int:
+    return engine.adapter(StyleContentReferences).ip_adapters.encoder_runs
+
+
 @pytest.fixture(scope="module")
 def ref_engine(tiny_model_dir, ip_root):
-    engine = Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32")
-    engine.ip_adapters = IPAdapters(engine.pipe, engine.device, engine.dtype, reference=ip_root)
-    return engine
+    return ip_engine(tiny_model_dir, ip_root)
 
 
 def _picture(seed: int) -> Image.Image:
@@ -103,13 +113,12 @@ def test_only_the_ratio_of_style_influences_matters(ref_engine):
 
 def test_a_repeated_reference_skips_its_encoder_even_in_a_new_engine(ref_engine, tiny_model_dir, ip_root):
     picture = _picture(7)
-    before = ref_engine.ip_adapters.encoder_runs
+    before = encoder_runs(ref_engine)
     first = [ref_engine.generate(_request(references=[Reference(kind="style", image=picture)])).pixels for _ in range(2)]
-    assert ref_engine.ip_adapters.encoder_runs == before + 1
-    fresh = Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32")
-    fresh.ip_adapters = IPAdapters(fresh.pipe, fresh.device, fresh.dtype, reference=ip_root)
+    assert encoder_runs(ref_engine) == before + 1
+    fresh = ip_engine(tiny_model_dir, ip_root)
     again = fresh.generate(_request(references=[Reference(kind="style", image=picture)])).pixels
-    assert fresh.ip_adapters.encoder_runs == 0  # read from the disk cache
+    assert encoder_runs(fresh) == 0  # read from the disk cache
     assert np.array_equal(again, first[0])
 
 
@@ -151,8 +160,7 @@ def test_the_plus_layout_matches_diffusers(tiny_model_dir, ip_root, kind):
     from tiny_ip_adapter import save_tiny_ip_adapter_plus
 
     save_tiny_ip_adapter_plus(UNet2DConditionModel.from_pretrained(str(tiny_model_dir), subfolder="unet"), ip_root)
-    engine = Engine.load(str(tiny_model_dir), device="cpu", dtype="fp32")
-    engine.ip_adapters = IPAdapters(engine.pipe, engine.device, engine.dtype, reference=ip_root, variant="plus")
+    engine = ip_engine(tiny_model_dir, ip_root, variant="plus")
     picture = _picture(9)
     ours = engine.generate(_request(num_images=2, references=[Reference(kind=kind, image=picture, weight=1.5)])).pixels
 

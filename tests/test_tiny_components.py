@@ -140,13 +140,14 @@ def test_register_tells_single_type_from_union_folders(tmp_path):
 
 
 def test_engine_load_registers_controlnets_and_refuses_a_bad_folder_first(refgen_home, tmp_path):
-    from adapters.controlnet import ControlNetFolderError
+    from adapters.controlnet import ControlNetFolderError, ControlNets
     from engine import Engine
 
     mine = tiny.save_tiny_controlnet(tiny.build_tiny_unet(0), tmp_path / "mine", seed=7)
     engine = Engine.load("tiny", device="cpu", dtype="fp32", controlnets={"canny": mine})
-    assert engine.controlnets.identity("canny") == f"single:{mine}"
-    assert engine.controlnets.identity("depth") == "single:controlnet-depth-sdxl"  # the others keep their default
+    library = engine.adapter(ControlNets).library
+    assert library.identity("canny") == f"single:{mine}"
+    assert library.identity("depth") == "single:controlnet-depth-sdxl"  # the others keep their default
     with pytest.raises(ControlNetFolderError, match="missing"):
         Engine.load("tiny", device="cpu", dtype="fp32", controlnets={"pose": tmp_path / "missing"})
 

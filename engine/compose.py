@@ -1,0 +1,84 @@
+"""The one place of the core that names concrete adapters: the Engine's default adapter list.
+
+Adding a kind of guidance = its file in adapters/ (an Adapter, engine/adapter.py) and a line here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from adapters.controlnet import ControlNetLibrary, ControlNets
+from adapters.faces import FaceAnalyzer
+from adapters.identity import CharacterReferences, FaceIDPlusV2, InstantID
+from adapters.inpaint import Inpainting
+from adapters.ip_adapter import IPAdapters, StyleContentReferences
+from adapters.preprocess import Preprocessors
+from adapters.upscale import Upscaler
+
+from . import paths
+from .adapter import Adapter
+from .tiny.components import components_dir, components_manifest
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What adapters are built from: the loaded pipeline, and where they look up the components they name
+    (ControlNets, IP-Adapters, face packs, preprocessors, upscalers); default weights/manifest.toml and folder."""
+
+    pipe: Any
+    device: torch.device
+    dtype: torch.dtype
+    allow_pickle: bool = False
+    manifest: Any = None
+    weights_dir: Optional[Path] = None
+
+
+AdapterFactory = Callable[[Setup], list[Adapter]]
+
+
+def default_adapters(setup: Setup, *, ip_adapter: str = "vit-h", controlnets: Optional[ControlNetLibrary] = None,
+                     ip_adapters: Optional[IPAdapters] = None, instantid: Union[str, Path, None] = None,
+                     faceid: Union[str, Path, None] = None, store=None,
+                     analyzers: Optional[dict[str, FaceAnalyzer]] = None) -> list[Adapter]:
+    """Every kind of guidance, in the order they take part: inpainting checks its mask before any slow
+    preprocessing; the character is IP-Adapter instance 0 (adapters/identity.py FACEID_LORA), so it comes
+    before the style/content references. Keyword arguments replace one part (tests, benchmarks)."""
+    sources = {"manifest": setup.manifest, "weights_dir": setup.weights_dir}
+    ip = ip_adapters or IPAdapters(setup.pipe, setup.device, setup.dtype, variant=ip_adapter,
+                                   allow_pickle=setup.allow_pickle, **sources)
+    library = controlnets or ControlNetLibrary(setup.device, setup.dtype, **sources)
+    preprocessors = Preprocessors(setup.weights_dir, device=setup.device, manifest=setup.manifest, allow_pickle=setup.allow_pickle)
+    faces = [InstantID(ip, setup.device, setup.dtype, instantid, **sources),
+             FaceIDPlusV2(ip, setup.device, setup.dtype, faceid, **sources)]
+    return [
+        Inpainting(),
+        ControlNets(library, preprocessors),
+        CharacterReferences(faces, setup.device, store=store, analyzers=analyzers, **sources),
+        StyleContentReferences(ip),
+    ]
+
+
+def defaults(device: torch.device, dtype: torch.dtype, *, ip_adapter: str = "vit-h",
+             controlnets: Optional[dict[str, Union[str, Path]]] = None, manifest=None,
+             weights_dir: Optional[Path] = None) -> AdapterFactory:
+    """default_adapters with the user's own ControlNet folders, checked now (before the model loads)."""
+    library = ControlNetLibrary(device, dtype, dict(controlnets or {}), manifest=manifest, weights_dir=weights_dir)
+    return partial(default_adapters, ip_adapter=ip_adapter, controlnets=library)
+
+
+def upscaler_loader(setup: Setup) -> Callable[[str], Upscaler]:
+    """ESRGAN models by reference, for upscale= and ultra mode."""
+    return partial(Upscaler.load, device=setup.device, manifest=setup.manifest, weights_dir=setup.weights_dir)
+
+
+def component_sources(model: str) -> dict:
+    """Where a model's other components come from: the tiny model's stand-ins for `tiny` (built offline on
+    first use, beside it in the cache), else the weights manifest and folder."""
+    if model != "tiny":
+        return {"manifest": None, "weights_dir": None}
+    return {"manifest": components_manifest(), "weights_dir": components_dir(paths.cache_dir())}
