@@ -41,7 +41,7 @@ from engine import paths
 from engine.errors import RefgenError
 from engine.images import load_rgb, make_staging_folder, write_atomic
 
-from .faces import EMBEDDING_DIM, FaceAnalyzer, ImageInput
+from .faces import EMBEDDING_DIM, FaceAnalyzer, ImageInput, mean_identity
 
 log = logging.getLogger("refgen")
 
@@ -192,7 +192,7 @@ class CharacterStore:
             rgbs.append(rgb)
             faces.append(face)
         embeddings = np.stack([np.asarray(f.embedding, np.float32) for f in faces])
-        mean = unit_mean(embeddings)
+        mean = mean_identity(embeddings, "the anchor images")
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         anchor_files = [f"{ANCHORS_FOLDER}/anchor_{n}.png" for n in range(1, len(rgbs) + 1)]
         profile = {
@@ -336,14 +336,6 @@ def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def unit_mean(embeddings: np.ndarray) -> np.ndarray:
-    mean = np.mean(embeddings.astype(np.float64), axis=0)
-    norm = float(np.linalg.norm(mean))
-    if not np.isfinite(mean).all() or norm < 1e-6:
-        raise CharacterError("the anchor images' embeddings cancel out; are they all of the same person?")
-    return (mean / norm).astype(np.float32)
 
 
 def _safetensors_bytes(embeddings: np.ndarray, mean: np.ndarray) -> bytes:

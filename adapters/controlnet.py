@@ -27,7 +27,7 @@ from engine.errors import RefgenError
 from engine.images import load_rgb
 from engine.provenance import input_record, replay_image
 from engine.request import GenerationRequest, ResolvedRequest
-from engine.request_types import ControlUnit, FitMode, canonical_type
+from engine.request_types import ControlUnit, FitMode, ImageUnit, active_at, canonical_type
 
 from .preprocess import Preprocessors, is_preprocessed
 
@@ -189,9 +189,7 @@ class ControlNetLibrary:
     def _load(self, kind: str, reference: str) -> torch.nn.Module:
         from engine import weights
 
-        folder = Path(reference).expanduser()
-        if not folder.is_dir():  # a manifest name: WeightsMissingError names `refgen weights fetch ...`
-            folder = weights.require(reference, self._weights_dir, self._manifest)
+        folder = weights.locate(reference, self._weights_dir, self._manifest)
         model = _load_union(folder, self._dtype) if kind == "union" else _load_single(folder, self._dtype)
         return model.to(self._device).eval()
 
@@ -229,7 +227,7 @@ class ReadyControl:
 
     def active_at(self, step: int, total: int) -> bool:
         """Step i of n runs unless the weight is 0, i/n < start or (i+1)/n > end (diffusers' window rule)."""
-        return self.weight != 0 and not (step / total < self.start or (step + 1) / total > self.end)
+        return active_at(self.weight, self.start, self.end, step, total)
 
 
 class ControlGuidance(Guidance):
@@ -282,35 +280,54 @@ def build_guidance(
     return ControlGuidance(ready)
 
 
-class ControlNets:
-    """ControlNet units, an Adapter (engine/adapter.py): photos go through their type's preprocessor
-    (cached), and the units' residuals join every whole-picture pass (not the tiles of a tiled refine)."""
+class ImageUnits:
+    """Units that guide with a picture (ControlNets, T2I-Adapters), an Adapter (engine/adapter.py): photos go
+    through their type's preprocessor (cached); each image is recorded by hash and read back for replay.
+    A subclass names its request field, unit type and Prepared."""
 
-    def __init__(self, library: ControlNetLibrary, preprocessors: Preprocessors):
+    field = "controlnets"  # the GenerationRequest's and the ResolvedRequest's field
+    unit: type[ImageUnit] = ControlUnit
+    what = "control image"  # how messages name one image
+
+    def __init__(self, library, preprocessors: Preprocessors):
         self.library, self.preprocessors = library, preprocessors
 
-    def prepare(self, request: GenerationRequest, ctx: Context) -> Optional["PreparedControls"]:
-        if not request.controlnets:
-            return None
-        sources = [load_rgb(unit.image, f"control image {i + 1} ({unit.type})") for i, unit in enumerate(request.controlnets)]
-        records = [input_record(unit, image) for unit, image in zip(request.controlnets, sources)]
-        return PreparedControls(self.library, self._ready(request.controlnets, sources), records)
+    def prepared(self, units: list, records: list[dict]) -> Prepared:
+        raise NotImplementedError
 
-    def replay(self, resolved: ResolvedRequest, ctx: Context) -> Optional["PreparedControls"]:
-        if not resolved.controlnets:
+    def prepare(self, request: GenerationRequest, ctx: Context) -> Optional[Prepared]:
+        units = getattr(request, self.field)
+        if not units:
             return None
-        sources = [replay_image(record["image"], f"control image {i + 1}") for i, record in enumerate(resolved.controlnets)]
-        units = [ControlUnit(**{**record, "image": image}) for record, image in zip(resolved.controlnets, sources)]
-        return PreparedControls(self.library, self._ready(units, sources), list(resolved.controlnets))
+        sources = [load_rgb(unit.image, f"{self.what} {i + 1} ({unit.type})") for i, unit in enumerate(units)]
+        records = [input_record(unit, image) for unit, image in zip(units, sources)]
+        return self.prepared(self._ready(units, sources), records)
 
-    def _ready(self, units, sources: list[Image.Image]) -> list[ControlUnit]:
+    def replay(self, resolved: ResolvedRequest, ctx: Context) -> Optional[Prepared]:
+        records = getattr(resolved, self.field)
+        if not records:
+            return None
+        sources = [replay_image(record["image"], f"{self.what} {i + 1}") for i, record in enumerate(records)]
+        units = [self.unit(**{**record, "image": image}) for record, image in zip(records, sources)]
+        return self.prepared(self._ready(units, sources), list(records))
+
+    def _ready(self, units, sources: list[Image.Image]) -> list:
         """Each unit with its control image."""
         return [unit.model_copy(update={"image": self._control_image(unit, image)}) for unit, image in zip(units, sources)]
 
-    def _control_image(self, unit: ControlUnit, image: Image.Image) -> Image.Image:
+    def _control_image(self, unit: ImageUnit, image: Image.Image) -> Image.Image:
         if unit.preprocess is False or (unit.preprocess == "auto" and is_preprocessed(image, unit.type)):
             return image
         return self.preprocessors.run(unit.type, image, **unit.options)
+
+
+class ControlNets(ImageUnits):
+    """ControlNet units: their residuals join every whole-picture pass (not the tiles of a tiled refine)."""
+
+    library: ControlNetLibrary
+
+    def prepared(self, units: list[ControlUnit], records: list[dict]) -> "PreparedControls":
+        return PreparedControls(self.library, units, records)
 
 
 class PreparedControls(Prepared):

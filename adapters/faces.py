@@ -344,8 +344,7 @@ class FaceAnalyzer:
         for number, image in enumerate(items, start=1):
             what = f"the {label}" if len(items) == 1 else f"{label} {number}"
             embeddings.append(self.analyze(image, select=select, min_face=min_face, what=what).embedding)
-        mean = np.mean(np.stack(embeddings).astype(np.float64), axis=0)
-        return _unit(mean, "the references' mean embedding (the faces cancel out)")
+        return mean_identity(embeddings, "the references")
 
     def score_image(
         self, image: ImageInput, reference_embedding: Union[np.ndarray, Face], *, what: str = "image"
@@ -586,6 +585,17 @@ def _embedding_of(value: Union[np.ndarray, Face], name: str) -> np.ndarray:
     if array.size == 0:
         raise FaceSelectionError(f"{name} is empty")
     return array
+
+
+def mean_identity(embeddings: Sequence[np.ndarray], what: str) -> np.ndarray:
+    """The unit-length mean of several faces' embeddings: one identity for a character or a set of photos."""
+    mean = np.mean(np.stack([np.asarray(e, np.float64).reshape(-1) for e in embeddings]), axis=0)
+    return _unit(mean, f"the mean embedding of {what} (are they all of the same person? their faces cancel out)")
+
+
+def ranking(scores: Sequence[Optional[float]]) -> list[int]:
+    """Indices best first: highest identity score first, no face (None) last, ties in their given order."""
+    return sorted(range(len(scores)), key=lambda i: (scores[i] is None, -(scores[i] or 0.0)))
 
 
 def _unit(vector: Any, what: str) -> np.ndarray:

@@ -50,9 +50,9 @@ from engine.provenance import image_record, replay_image
 from engine.request import GenerationRequest, ResolvedRequest
 from engine.request_types import CharacterReference, character_scales
 
-from .characters import FACE_CROP_SIZE, CharacterStore, unit_mean
+from .characters import FACE_CROP_SIZE, CharacterStore
 from .controlnet import ControlGuidance, ReadyControl, control_tensor
-from .faces import FaceAnalyzer, keypoints_image
+from .faces import FaceAnalyzer, keypoints_image, mean_identity, ranking
 from .ip_adapter import AdapterFile, AdapterUse, IPAdapters, cfg_rows
 
 # ------------------------------------------------------------------------------------- adapters
@@ -63,11 +63,6 @@ INSTANTID_ENTRY = "instantid"
 INSTANTID_FILES = ("ip-adapter.safetensors", "ip-adapter.bin")
 IDENTITYNET_FOLDER = "ControlNetModel"
 FACEID_LORA = "faceid_0"  # diffusers names the LoRA of adapter instance k `faceid_k`; the character is instance 0
-
-
-def ranking(scores: list[Optional[float]]) -> list[int]:
-    """Indices best first: highest identity score first, images without a face last, ties in batch order."""
-    return sorted(range(len(scores)), key=lambda i: (scores[i] is None, -(scores[i] or 0.0)))
 
 
 class CharacterReferenceError(RefgenError):
@@ -140,8 +135,7 @@ class FaceAdapter:
     def folder(self) -> Path:
         from engine import weights
 
-        folder = Path(self._reference).expanduser()
-        return folder if folder.is_dir() else weights.require(self._reference, self._weights_dir, self._manifest)
+        return weights.locate(self._reference, self._weights_dir, self._manifest)
 
 
 class InstantID(FaceAdapter):
@@ -275,10 +269,9 @@ class CharacterReferences:
             what = "the character image" if len(images) == 1 else "character image {}"
         faces = [analyzer.analyze(picture, select=select, what=what.format(n), crop_size=FACE_CROP_SIZE)
                  for n, picture in enumerate(pictures, 1)]
-        units = np.stack([face.embedding for face in faces]).astype(np.float64)
         raw = np.mean([face.embedding * face.embedding_norm for face in faces], axis=0)  # InstantID: sum / n of raw vectors
         posed = faces[0] if pose is None else analyzer.analyze(pose, what="the pose image", min_face=0)
-        return Identity(label, anchor, unit_mean(units), raw.astype(np.float32), analyzer.pack, faces[0].crop,
+        return Identity(label, anchor, mean_identity([face.embedding for face in faces], f"the faces of {label}"), raw.astype(np.float32), analyzer.pack, faces[0].crop,
                         keypoints_image(posed.kps, posed.image_size))
 
     def score(self, adapter: str, identity: Identity, images: list[Image.Image]) -> list[Optional[float]]:

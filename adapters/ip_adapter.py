@@ -29,7 +29,6 @@ influence-weighted mean of their weights.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,8 @@ from engine import paths
 from engine.hashing import cached_sha256
 from engine.loading import check_pickle
 from engine.adapter import Context, Frame, Prepared
-from engine.images import load_rgb, write_atomic
+from engine.cache import DiskCache
+from engine.images import load_rgb, pixel_digest
 from engine.provenance import input_record, replay_image
 from engine.request import GenerationRequest, ResolvedRequest
 from engine.request_types import Reference
@@ -122,8 +122,8 @@ class IPAdapters:
         self._kept: Optional[tuple[dict, torch.nn.Module]] = None  # their (attention processors, image projection)
         self._encoder = None  # (CLIP vision model, its image processor), loaded on first need
         self._encoder_id: Optional[str] = None  # encoder file hash: worked out once, on first need
-        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._cache_size = cache_size
+        self._encodings = DiskCache(lambda: paths.cache_dir() / "references", suffix=".safetensors",
+                                    encode=_encoding_bytes, decode=self._encoding_from_file, max_items=cache_size)
         self.encoder_runs = 0  # how many times the image encoder ran (the cache's effect is observable)
 
     # -- Style / Content Reference --------------------------------------------------------------
@@ -188,12 +188,12 @@ class IPAdapters:
             check_pickle(file.folder / file.weight_name, self._allow_pickle)
         if self._encoder is not None:  # ours, so diffusers loads none (InstantID alone needs no encoder at all)
             self._register_encoder()
-        paths = [Path(file.weight_name) for file in files]
+        weight_paths = [Path(file.weight_name) for file in files]
         self._plain = dict(self._pipe.unet.attn_processors)
         try:
             self._pipe.load_ip_adapter(
-                [str(file.folder) for file in files], subfolder=[str(p.parent) if str(p.parent) != "." else "" for p in paths],
-                weight_name=[p.name for p in paths], image_encoder_folder=None, local_files_only=True,
+                [str(file.folder) for file in files], subfolder=[str(p.parent) if str(p.parent) != "." else "" for p in weight_paths],
+                weight_name=[p.name for p in weight_paths], image_encoder_folder=None, local_files_only=True,
             )
         except BaseException:
             self._set(self._plain, None, None)  # nothing of a failed load stays in the UNet
@@ -228,8 +228,7 @@ class IPAdapters:
     def _folder(self) -> Path:
         from engine import weights
 
-        folder = Path(self._reference).expanduser()
-        return folder if folder.is_dir() else weights.require(self._reference, self._weights_dir, self._manifest)
+        return weights.locate(self._reference, self._weights_dir, self._manifest)
 
     def _combined(self, references: list[Reference]) -> tuple[torch.Tensor, torch.Tensor]:
         """Influence-weighted mean of the references' embeddings (only the ratio of influences matters)."""
@@ -244,38 +243,31 @@ class IPAdapters:
         picture = load_rgb(image, "reference image")
         if self._encoder_id is None:
             self._encoder_id = self._encoder_identity(self._folder())
-        identity = f"{picture.size}|{self._encoder_id}|hidden_states={hidden_states}"
-        key = hashlib.sha256(picture.tobytes() + identity.encode()).hexdigest()
-        if key not in self._cache:
-            self._cache[key] = self._from_disk(key) or self._run_encoder(picture, key, hidden_states)
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
-        return self._cache[key]
+        key = hashlib.sha256(f"{pixel_digest(picture)}|{self._encoder_id}|hidden_states={hidden_states}".encode()).hexdigest()
+        encoded = self._encodings.get(key)
+        if encoded is None:
+            encoded = self._run_encoder(picture, hidden_states)
+            self._encodings.put(key, encoded)
+        return encoded
 
     def _encoder_identity(self, folder: Path) -> str:
         encoder = folder / self._encoder_folder / "model.safetensors"
         return cached_sha256(encoder) if encoder.is_file() else self._reference
 
-    def _run_encoder(self, picture: Image.Image, key: str, hidden_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        from safetensors.torch import save
-
+    def _run_encoder(self, picture: Image.Image, hidden_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
         self._register_encoder()
         with torch.inference_mode():
             positive, negative = self._pipe.encode_image(picture, self._device, 1, output_hidden_states=hidden_states)
         self.encoder_runs += 1
-        tensors = {"positive": positive.float().cpu().contiguous(), "negative": negative.float().cpu().contiguous()}
-        write_atomic(paths.cache_dir() / "references" / f"{key}.safetensors", save(tensors))
         return positive, negative  # (1, D) each; hidden states: (1, tokens, D)
 
-    def _from_disk(self, key: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def _encoding_from_file(self, path: Path) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         from safetensors.torch import load_file
 
-        file = paths.cache_dir() / "references" / f"{key}.safetensors"
         try:
-            tensors = load_file(str(file))
+            tensors = load_file(str(path))
         except (OSError, ValueError, RuntimeError):
-            return None  # absent or damaged: encode again
+            return None  # damaged: encode again
         return tensors["positive"].to(self._device, self._dtype), tensors["negative"].to(self._device, self._dtype)
 
 
@@ -310,6 +302,13 @@ class PreparedReferences(Prepared):
 
     def patches(self, frame: Frame) -> list:
         return [(self._ip, use) for use in self._ip.reference_uses(self._references, frame.batch, frame.guided)]
+
+
+def _encoding_bytes(encoded: tuple[torch.Tensor, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    positive, negative = encoded
+    return save({"positive": positive.float().cpu().contiguous(), "negative": negative.float().cpu().contiguous()})
 
 
 def cfg_rows(positive: torch.Tensor, negative: torch.Tensor, batch: int, guided: bool) -> torch.Tensor:

@@ -167,7 +167,9 @@ def items_from_pngs(
 
 def rank(items: Sequence[SheetItem]) -> list[SheetItem]:
     """Best score first; items without a score (no face, or never scored) last, order otherwise kept."""
-    return sorted(items, key=lambda item: (item.score is None, -(item.score or 0.0)))
+    from .faces import ranking  # the one ranking of identity scores (best_of uses it too); OpenCV on first use only
+
+    return [items[index] for index in ranking([item.score for item in items])]
 
 
 # ------------------------------------------------------------------------------------- helpers

@@ -175,9 +175,7 @@ def load_inpaint_unet(reference, device: torch.device, dtype: torch.dtype, manif
 
     from . import weights
 
-    folder = Path(reference).expanduser()
-    if not folder.is_dir():
-        folder = weights.require(str(reference), weights_dir, manifest)
+    folder = weights.locate(reference, weights_dir, manifest)
     subfolder = "unet" if (folder / "unet").is_dir() else None
     variant = "fp16" if any((folder / (subfolder or "")).glob("*.fp16.safetensors")) else None
     unet = UNet2DConditionModel.from_pretrained(

@@ -221,6 +221,13 @@ def require(
     return entry.folder(weights_dir)
 
 
+def locate(reference: str | Path, weights_dir: Path | str | None = None, manifest: Manifest | None = None) -> Path:
+    """A user's folder as it is, or a manifest name's folder through `require` (WeightsMissingError names
+    `refgen weights fetch NAME` when it is not on disk): how every component reference is resolved."""
+    folder = Path(reference).expanduser()
+    return folder if folder.is_dir() else require(str(reference), weights_dir, manifest)
+
+
 def build(entry: ManifestEntry, weights_dir: Path | str | None = None) -> Path:
     """Run the entry's recipe in a private folder, then move each missing file into place and record
     its hash, so a crash never leaves half a component and two processes never mix their files."""

@@ -430,7 +430,7 @@ def test_a_generation_that_stops_half_way_leaves_the_models_as_a_fresh_engine_ha
 
 
 def test_ranking_puts_the_best_likeness_first_and_faceless_images_last():
-    from adapters.identity import ranking
+    from adapters.faces import ranking
 
     assert ranking([0.2, None, 0.9, -0.5, 0.9]) == [2, 4, 0, 3, 1]
     assert ranking([None, None]) == [0, 1]
