@@ -86,14 +86,24 @@ SINGLE_CLASSES = ("ControlNetModel",)
 UNION_CLASSES = ("ControlNetUnionModel", "ControlNetModel_Union")
 
 
+# Parameters every ControlNet has (its condition encoder), and those only ControlNet-Union has (its task
+# embedding and the transformer that mixes the conditions).
+CONTROLNET_KEYS = ("controlnet_cond_embedding.",)
+UNION_KEYS = ("task_embedding", "transformer_layes.", "control_add_embedding.")
+
+
 def controlnet_kind(folder: Union[str, Path]) -> str:
     """'single' or 'union' for a diffusers ControlNet folder (or xinsir's promax files); ControlNetFolderError,
     naming the folder and what is wrong, for anything else. Registration calls this at once, so a wrong path
-    fails when it is given, not at the first request that needs it."""
+    fails when it is given, not at the first request that needs it. The weights' keys decide, as a loader
+    must read them anyway; the config's class name only where no safetensors file is there yet."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise ControlNetFolderError(f"ControlNet folder {folder} {'is a file' if folder.exists() else 'does not exist'}"
                                     " (give the folder holding its config.json)")
+    weights_file = next(iter(sorted(folder.glob("diffusion_pytorch_model*.safetensors"))), None)
+    if weights_file is not None and _config_file(folder) is not None:
+        return _kind_from_keys(weights_file)
     if (folder / "config_promax.json").is_file():
         return "union"  # xinsir's promax files (loaded by name, whatever their config's class says)
     config = folder / "config.json"
@@ -107,6 +117,23 @@ def controlnet_kind(folder: Union[str, Path]) -> str:
         return "union" if class_name in UNION_CLASSES else "single"
     raise ControlNetFolderError(f"{folder} holds a {class_name or 'model without _class_name'} config, not a ControlNet "
                                 f"({' or '.join(SINGLE_CLASSES + UNION_CLASSES)})")
+
+
+def _config_file(folder: Path) -> Optional[Path]:
+    return next((folder / name for name in ("config.json", "config_promax.json") if (folder / name).is_file()), None)
+
+
+def _kind_from_keys(weights_file: Path) -> str:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights_file), framework="pt") as file:
+            keys = list(file.keys())
+    except (OSError, ValueError) as exc:
+        raise ControlNetFolderError(f"{weights_file} is not a readable safetensors file ({exc})") from None
+    if not any(key.startswith(CONTROLNET_KEYS) for key in keys):
+        raise ControlNetFolderError(f"{weights_file} holds no ControlNet (no condition encoder among its weights)")
+    return "union" if any(key.startswith(UNION_KEYS) for key in keys) else "single"
 
 
 class ControlNetLibrary:
@@ -282,8 +309,9 @@ def build_guidance(
 
 class ImageUnits:
     """Units that guide with a picture (ControlNets, T2I-Adapters), an Adapter (engine/adapter.py): photos go
-    through their type's preprocessor (cached); each image is recorded by hash and read back for replay.
-    A subclass names its request field, unit type and Prepared."""
+    through their type's preprocessor (cached); each image is recorded by hash and read back for replay; the
+    units guide every whole-picture pass (not the tiles of a tiled refine). A subclass names its request field
+    and unit type, and turns its ready units into per-step guidance."""
 
     field = "controlnets"  # the GenerationRequest's and the ResolvedRequest's field
     unit: type[ImageUnit] = ControlUnit
@@ -292,24 +320,25 @@ class ImageUnits:
     def __init__(self, library, preprocessors: Preprocessors):
         self.library, self.preprocessors = library, preprocessors
 
-    def prepared(self, units: list, records: list[dict]) -> Prepared:
+    def guidance(self, units: list, frame: Frame) -> Guidance:
+        """Units whose `image` is the prepared control picture -> their guidance for a pass of this frame."""
         raise NotImplementedError
 
-    def prepare(self, request: GenerationRequest, ctx: Context) -> Optional[Prepared]:
+    def prepare(self, request: GenerationRequest, ctx: Context) -> Optional["PreparedUnits"]:
         units = getattr(request, self.field)
         if not units:
             return None
         sources = [load_rgb(unit.image, f"{self.what} {i + 1} ({unit.type})") for i, unit in enumerate(units)]
         records = [input_record(unit, image) for unit, image in zip(units, sources)]
-        return self.prepared(self._ready(units, sources), records)
+        return PreparedUnits(self, self._ready(units, sources), records)
 
-    def replay(self, resolved: ResolvedRequest, ctx: Context) -> Optional[Prepared]:
+    def replay(self, resolved: ResolvedRequest, ctx: Context) -> Optional["PreparedUnits"]:
         records = getattr(resolved, self.field)
         if not records:
             return None
         sources = [replay_image(record["image"], f"{self.what} {i + 1}") for i, record in enumerate(records)]
         units = [self.unit(**{**record, "image": image}) for record, image in zip(records, sources)]
-        return self.prepared(self._ready(units, sources), list(records))
+        return PreparedUnits(self, self._ready(units, sources), list(records))
 
     def _ready(self, units, sources: list[Image.Image]) -> list:
         """Each unit with its control image."""
@@ -321,23 +350,21 @@ class ImageUnits:
         return self.preprocessors.run(unit.type, image, **unit.options)
 
 
+class PreparedUnits(Prepared):
+    def __init__(self, owner: ImageUnits, units: list, records: list[dict]):
+        self._owner, self._units, self._records = owner, units, records
+
+    def record(self) -> dict:
+        return {self._owner.field: self._records}
+
+    def guidance(self, frame: Frame) -> tuple[Guidance, ...]:
+        return (self._owner.guidance(self._units, frame),) if frame.whole else ()
+
+
 class ControlNets(ImageUnits):
-    """ControlNet units: their residuals join every whole-picture pass (not the tiles of a tiled refine)."""
+    """ControlNet units: their residuals are summed into every step's UNet call."""
 
     library: ControlNetLibrary
 
-    def prepared(self, units: list[ControlUnit], records: list[dict]) -> "PreparedControls":
-        return PreparedControls(self.library, units, records)
-
-
-class PreparedControls(Prepared):
-    def __init__(self, library: ControlNetLibrary, units: list[ControlUnit], records: list[dict]):
-        self._library, self._units, self._records = library, units, records
-
-    def record(self) -> dict:
-        return {"controlnets": self._records}
-
-    def guidance(self, frame: Frame) -> tuple[Guidance, ...]:
-        if not frame.whole:
-            return ()
-        return (build_guidance(self._library, self._units, frame.width, frame.height, frame.batch, frame.guided),)
+    def guidance(self, units: list[ControlUnit], frame: Frame) -> Guidance:
+        return build_guidance(self.library, units, frame.width, frame.height, frame.batch, frame.guided)

@@ -40,7 +40,7 @@ from PIL import Image
 from engine.conditioning import Guidance
 from engine import paths
 from engine.hashing import cached_sha256
-from engine.loading import check_pickle
+from engine.loading import check_pickle, state_dict_keys
 from engine.adapter import Context, Frame, Prepared
 from engine.cache import DiskCache
 from engine.images import load_rgb, pixel_digest
@@ -114,7 +114,8 @@ class IPAdapters:
         self._pipe, self._device, self._dtype = pipe, device, dtype
         self._reference, self._encoder_folder = str(reference), image_encoder_folder
         self._manifest, self._weights_dir = manifest, weights_dir  # where a manifest name is looked up
-        self._weight_file, self._hidden_states = WEIGHT_FILES[variant], variant == "plus"
+        self._weight_file = WEIGHT_FILES[variant]
+        self._hidden_states: dict[Path, bool] = {}  # by adapter file: does it resample hidden states?
         self._allow_pickle = allow_pickle
         self._loaded: tuple[AdapterFile, ...] = ()  # the files of the kept instances
         self._attached = False  # are they in the UNet now?
@@ -232,7 +233,11 @@ class IPAdapters:
 
     def _combined(self, references: list[Reference]) -> tuple[torch.Tensor, torch.Tensor]:
         """Influence-weighted mean of the references' embeddings (only the ratio of influences matters)."""
-        encoded = [self.encode(r.image, self._hidden_states) for r in references]
+        file = self._folder() / self._weight_file
+        if file not in self._hidden_states:
+            self._hidden_states[file] = resamples_hidden_states(file)
+        hidden_states = self._hidden_states[file]
+        encoded = [self.encode(r.image, hidden_states) for r in references]
         total = sum(r.influence for r in references)
         positive = sum((r.influence / total) * pos for r, (pos, _) in zip(references, encoded))
         return positive, encoded[0][1]
@@ -302,6 +307,13 @@ class PreparedReferences(Prepared):
 
     def patches(self, frame: Frame) -> list:
         return [(self._ip, use) for use in self._ip.reference_uses(self._references, frame.batch, frame.guided)]
+
+
+def resamples_hidden_states(adapter_file: Path) -> bool:
+    """Whether an IP-Adapter file feeds on the CLIP encoder's penultimate hidden states (the plus layouts:
+    a Resampler with learnt latent queries) rather than its pooled embedding (a plain projection). The
+    file's keys decide, as diffusers' loader decides which projection to build from them."""
+    return any(key == "image_proj.latents" for key in state_dict_keys(adapter_file))
 
 
 def _encoding_bytes(encoded: tuple[torch.Tensor, torch.Tensor]) -> bytes:

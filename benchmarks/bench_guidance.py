@@ -1,10 +1,11 @@
-"""Issue 3's costs: ControlNet units (plain vs 1 vs 2) and ESRGAN x4 of a 1024x1024 image.
+"""Issue 3's costs: ControlNet units (plain vs 1 vs 2), a T2I-Adapter unit, and ESRGAN x4 of a 1024x1024 image.
 
-Part `controlnet`: per-image time of plain txt2img, one ControlNet unit and two units (two different
-ControlNets) through Engine.generate, as ratios to plain txt2img, and each case against diffusers'
-own pipeline on the very same components in the same process: StableDiffusionXLPipeline (plain),
-StableDiffusionXLControlNetPipeline (one unit) and the same with MultiControlNetModel (two units).
-All six variants alternate (forward order on even rounds, reversed on odd ones) after one warm-up
+Part `controlnet`: per-image time of plain txt2img, one ControlNet unit, two units (two different
+ControlNets) and one T2I-Adapter unit (issue 10: its features are computed once, not per step) through
+Engine.generate, as ratios to plain txt2img, and each case against diffusers' own pipeline on the very same
+components in the same process: StableDiffusionXLPipeline (plain), StableDiffusionXLControlNetPipeline (one
+unit), the same with MultiControlNetModel (two units) and StableDiffusionXLAdapterPipeline (T2I-Adapter).
+All eight variants alternate (forward order on even rounds, reversed on odd ones) after one warm-up
 each; medians are compared.
 
 Part `esrgan`: time and peak memory of adapters.upscale.Upscaler.upscale on a 1024x1024 image with
@@ -204,16 +205,39 @@ def control_images(width: int, height: int, seed: int):
     return Image.fromarray(edges), Image.fromarray(np.stack([depth] * 3, -1))
 
 
-CN_CASES = (("plain", 0), ("1 unit", 1), ("2 units", 2))
-DIFFUSERS_PIPELINES = {0: "StableDiffusionXLPipeline", 1: "StableDiffusionXLControlNetPipeline",
-                       2: "StableDiffusionXLControlNetPipeline + MultiControlNetModel"}
+# (case, ControlNet units, T2I-Adapter units)
+CN_CASES = (("plain", 0, 0), ("1 unit", 1, 0), ("2 units", 2, 0), ("1 T2I-Adapter unit", 0, 1))
+DIFFUSERS_PIPELINES = {"plain": "StableDiffusionXLPipeline", "1 unit": "StableDiffusionXLControlNetPipeline",
+                       "2 units": "StableDiffusionXLControlNetPipeline + MultiControlNetModel",
+                       "1 T2I-Adapter unit": "StableDiffusionXLAdapterPipeline"}
+
+
+def full_size_t2i_adapter(device, dtype):
+    """TencentARC's SDXL T2I-Adapter architecture (full_adapter_xl, channels [320, 640, 1280, 1280], 2 res blocks,
+    downscale 16: 79,028,160 parameters), random (PyTorch's default init, nothing zero), built on `device`."""
+    from diffusers import T2IAdapter
+
+    with torch.device(device):
+        adapter = T2IAdapter(in_channels=3, channels=[320, 640, 1280, 1280], num_res_blocks=2, downscale_factor=16,
+                             adapter_type="full_adapter_xl")
+    return torch.nn.Module.to(adapter, dtype=dtype).eval().requires_grad_(False)
+
+
+def build_t2i_adapter(profile: Profile, pipe, device: torch.device, dtype: torch.dtype, seed: int):
+    if profile.model == "tiny":
+        from engine.tiny.adapters import build_tiny_t2i_adapter
+
+        return torch.nn.Module.to(build_tiny_t2i_adapter(pipe.unet, seed + 12), device, dtype)
+    torch.manual_seed(seed + 12)
+    return full_size_t2i_adapter(device, dtype)
 
 
 def run_controlnet(profile: Profile, device: torch.device, dtype: torch.dtype, seed: int) -> dict:
-    from diffusers import StableDiffusionXLControlNetPipeline
+    from diffusers import StableDiffusionXLAdapterPipeline, StableDiffusionXLControlNetPipeline
     from diffusers.models.controlnets import MultiControlNetModel
 
-    from engine.request_types import ControlUnit
+    from adapters.t2i_adapter import T2IAdapters
+    from engine.request_types import ControlUnit, T2IAdapterUnit
     from engine import GenerationRequest
     from engine.schedulers import build_scheduler
 
@@ -229,40 +253,47 @@ def run_controlnet(profile: Profile, device: torch.device, dtype: torch.dtype, s
     library = engine.adapter(ControlNets).library
     for control_type, controlnet in zip(("canny", "depth"), controlnets):
         library.register(control_type, controlnet)  # the same module objects diffusers calls
+    adapter = build_t2i_adapter(profile, pipe, device, dtype, seed)
+    engine.adapter(T2IAdapters).library.register("canny", adapter)
     sync(device)
     build_s = time.perf_counter() - start
     one = StableDiffusionXLControlNetPipeline(**pipe.components, controlnet=controlnets[0], add_watermarker=False)
     two = StableDiffusionXLControlNetPipeline(**pipe.components, controlnet=MultiControlNetModel(controlnets),
                                               add_watermarker=False)
-    for p in (one, two):
+    t2i = StableDiffusionXLAdapterPipeline(**pipe.components, adapter=adapter)
+    for p in (one, two, t2i):
         p.watermark = None
         p.set_progress_bar_config(disable=True)
     counts = {"unet": sum(p.numel() for p in pipe.unet.parameters()),
-              "controlnets": [sum(p.numel() for p in c.parameters()) for c in controlnets]}
+              "controlnets": [sum(p.numel() for p in c.parameters()) for c in controlnets],
+              "t2i_adapter": sum(p.numel() for p in adapter.parameters())}
     log(f"controlnet/{profile.name}: built in {build_s:.1f} s on {device} ({dtype}); UNet {counts['unet']:,} "
-        f"parameters, ControlNets {', '.join(f'{c:,}' for c in counts['controlnets'])}; "
+        f"parameters, ControlNets {', '.join(f'{c:,}' for c in counts['controlnets'])}, T2I-Adapter {counts['t2i_adapter']:,}; "
         f"{torch.get_num_threads()} torch threads")
 
     edges, depth = control_images(profile.width, profile.height, seed)
     units = [ControlUnit(type="canny", image=edges, preprocess=False),
              ControlUnit(type="depth", image=depth, preprocess=False)]
+    adapter_units = [T2IAdapterUnit(type="canny", image=edges, preprocess=False)]
     batch = profile.batch
 
-    def engine_call(n: int):
+    def engine_call(n: int, t: int):
         request = GenerationRequest(
             prompt=bg.PROMPT, negative_prompt=None, width=profile.width, height=profile.height, num_images=batch,
             seed=seed, steps=profile.steps, guidance_scale=profile.guidance, scheduler=profile.scheduler, mode="fast",
-            controlnets=units[:n],
+            controlnets=units[:n], t2i_adapters=adapter_units[:t],
         )
         return lambda: engine.generate(request)
 
-    def diffusers_call(n: int, output_type: str = "pil"):
+    def diffusers_call(n: int, t: int, output_type: str = "pil"):
         def call():
             common = dict(
                 prompt=bg.PROMPT, negative_prompt=None, width=profile.width, height=profile.height,
                 num_images_per_prompt=batch, num_inference_steps=profile.steps, guidance_scale=profile.guidance,
                 generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)], output_type=output_type,
             )
+            if t:
+                return t2i(image=edges, adapter_conditioning_scale=1.0, **common)
             if n == 0:
                 return pipe(**common)
             if n == 1:
@@ -272,10 +303,10 @@ def run_controlnet(profile: Profile, device: torch.device, dtype: torch.dtype, s
 
     cpu_peak = CpuPeak()
     sides, checks, variants = {}, {}, []
-    for case, n in CN_CASES:
+    for case, n, t in CN_CASES:
         eng, dif = Side(), Side()
-        ours, eng.warmup_s, _, _ = timed(engine_call(n), device, cpu_peak)
-        theirs, dif.warmup_s, _, _ = timed(diffusers_call(n, "np"), device, cpu_peak)
+        ours, eng.warmup_s, _, _ = timed(engine_call(n, t), device, cpu_peak)
+        theirs, dif.warmup_s, _, _ = timed(diffusers_call(n, t, "np"), device, cpu_peak)
         ours_px, theirs_px = ours.pixels.astype(np.float64), np.asarray(theirs.images, dtype=np.float64)
         diff = float(np.abs(ours_px - theirs_px).max()) if ours_px.shape == theirs_px.shape else float("nan")
         checks[case] = {"max_abs_pixel_diff": diff,
@@ -283,10 +314,10 @@ def run_controlnet(profile: Profile, device: torch.device, dtype: torch.dtype, s
                         "pixels": ours_px}
         log(f"  {case}: warm-up engine {eng.warmup_s:.3f} s, diffusers {dif.warmup_s:.3f} s, max |pixel diff| {diff:.2e}")
         sides[f"engine/{case}"], sides[f"diffusers/{case}"] = eng, dif
-        variants += [(f"engine/{case}", engine_call(n)), (f"diffusers/{case}", diffusers_call(n))]
+        variants += [(f"engine/{case}", engine_call(n, t)), (f"diffusers/{case}", diffusers_call(n, t))]
         del ours, theirs
     # Proof that the units are live: each changes the image.
-    changes = {case: float(np.abs(checks[case]["pixels"] - checks["plain"]["pixels"]).max()) for case, _ in CN_CASES}
+    changes = {case: float(np.abs(checks[case]["pixels"] - checks["plain"]["pixels"]).max()) for case, *_ in CN_CASES}
     for check in checks.values():
         del check["pixels"]
 
@@ -294,10 +325,10 @@ def run_controlnet(profile: Profile, device: torch.device, dtype: torch.dtype, s
     alternate(variants, sides, profile.runs, device, cpu_peak)
 
     cases = []
-    for case, n in CN_CASES:
+    for case, n, t in CN_CASES:
         eng, dif = sides[f"engine/{case}"], sides[f"diffusers/{case}"]
         cases.append({
-            "case": case, "units": n, "diffusers_pipeline": DIFFUSERS_PIPELINES[n], "batch": batch,
+            "case": case, "units": n, "t2i_units": t, "diffusers_pipeline": DIFFUSERS_PIPELINES[case], "batch": batch,
             "engine": _side_record(eng), "diffusers": _side_record(dif),
             "engine_vs_diffusers": compare(eng, dif),
             "engine_vs_plain": compare(eng, sides["engine/plain"]),
@@ -307,7 +338,8 @@ def run_controlnet(profile: Profile, device: torch.device, dtype: torch.dtype, s
         })
     return {"part": "controlnet", "build_s": build_s, "parameters": counts, "loadavg_start": loadavg_start,
             "runs": profile.runs, "cases": cases,
-            "control_types": ["canny", "depth"], "control_unit": {"weight": 1.0, "start": 0.0, "end": 1.0}}
+            "control_types": ["canny", "depth"], "control_unit": {"weight": 1.0, "start": 0.0, "end": 1.0},
+            "t2i_adapter_unit": {"type": "canny", "weight": 1.0, "start": 0.0, "end": 1.0}}
 
 
 # -- ESRGAN ------------------------------------------------------------------------------------
@@ -508,14 +540,16 @@ def controlnet_section(report: dict) -> str:
     lines = _header(report, "controlnet") + [
         f"- model: {profile['model']} (UNet {counts['unet']:,} parameters) + two ControlNets "
         f"({', '.join(f'{c:,}' for c in counts['controlnets'])} parameters; canny and depth units, weight 1, "
-        f"active on all steps, preprocess off); {profile['width']}x{profile['height']}, {profile['steps']} steps, "
+        f"active on all steps, preprocess off)"
+        + (f" + a T2I-Adapter ({counts['t2i_adapter']:,} parameters; a canny unit, weight 1, all steps)" if "t2i_adapter" in counts
+           else "") + f"; {profile['width']}x{profile['height']}, {profile['steps']} steps, "
         f"{profile['scheduler']}, CFG {profile['guidance']}, batch {batch}",
-        f"- {report['runs']} timed rounds after 1 warm-up per variant; each round runs all 6 variants, forward order "
+        f"- {report['runs']} timed rounds after 1 warm-up per variant; each round runs all {2 * len(cases)} variants, forward order "
         "on even rounds and reversed on odd ones; one process, the same module objects on both sides",
         "- peak memory: " + ("torch.cuda.max_memory_allocated during the call (weights included)" if dev == "cuda"
                              else "rise of the process's resident set (VmHWM − RSS before) during the call"),
         "",
-        "**Cost of ControlNet units** (× plain = median / median of plain txt2img on the same side; paired = "
+        "**Cost of ControlNet and T2I-Adapter units** (× plain = median / median of plain txt2img on the same side; paired = "
         "per-round ratios):",
         "",
         "| case | engine s per image median (min–max) | engine × plain | paired × plain median (min–max) | "
@@ -524,7 +558,7 @@ def controlnet_section(report: dict) -> str:
     ]
     for c in cases:
         ep, dp = c["engine_vs_plain"], c["diffusers_vs_plain"]
-        plain = c["units"] == 0
+        plain = c["case"] == "plain"
         lines.append(
             f"| {c['case']} | {_range(c['engine'], batch)} | **{ep['ratio']:.3f}** | "
             f"{'—' if plain else _paired(ep)} | {ep['cpu_time_ratio']:.3f} | {_mem(dev, c['engine']['peak_bytes'])} | "
@@ -546,7 +580,7 @@ def controlnet_section(report: dict) -> str:
             f"| {c['case']} | {c['diffusers_pipeline']} | {c['engine']['median_s']:.3f} | {c['diffusers']['median_s']:.3f} | "
             f"**{ed['ratio']:.3f}** | {_paired(ed)} | {cpu} | {_mem(dev, c['engine']['peak_bytes'])} | "
             f"{_mem(dev, c['diffusers']['peak_bytes'])} | {c['max_abs_pixel_diff']:.1e} | "
-            f"{'—' if c['units'] == 0 else format(c['max_change_vs_plain'], '.2f')} |"
+            f"{'—' if c['case'] == 'plain' else format(c['max_change_vs_plain'], '.2f')} |"
         )
     lines += ["", f"Raw timings: `{report['json']}`"]
     return "\n".join(lines)
@@ -622,6 +656,7 @@ def dry_run() -> int:
     """Builds what `--profile gpu-sdxl` builds, on the meta device (no memory, no compute), checks
     parameter counts and runs the shapes of one CFG step (2 ControlNets + UNet) and one untiled ESRGAN pass."""
     from diffusers.models.controlnets import MultiControlNetModel
+    from torch.utils.flop_counter import FlopCounterMode
 
     from adapters.upscale import Upscaler
     from engine import sdxl_configs as cfg
@@ -655,8 +690,9 @@ def dry_run() -> int:
         added = {"text_embeds": torch.empty(2, pipe.text_encoder_2.config.projection_dim, **half),
                  "time_ids": torch.empty(2, 6, **half)}
         images = [torch.empty(2, 3, profile.height, profile.width, **half) for _ in controlnets]
-        down, mid = MultiControlNetModel(controlnets)(sample, t, hidden, images, [1.0, 1.0], added_cond_kwargs=added,
-                                                      return_dict=False)
+        with FlopCounterMode(display=False) as cn_flops:
+            down, mid = MultiControlNetModel(controlnets)(sample, t, hidden, images, [1.0, 1.0], added_cond_kwargs=added,
+                                                          return_dict=False)
         out = pipe.unet(sample, t, hidden, added_cond_kwargs=added, down_block_additional_residuals=down,
                         mid_block_additional_residual=mid, return_dict=False)[0]
     shape_ok = tuple(out.shape) == (2, 4, latent, latent) and len(down) == 9
@@ -664,6 +700,25 @@ def dry_run() -> int:
     print(f"  one CFG step at {profile.width}x{profile.height} on meta: 2 ControlNets -> {len(down)} down residuals "
           f"{tuple(down[0].shape)}..{tuple(down[-1].shape)} + mid {tuple(mid.shape)}; UNet out {tuple(out.shape)} "
           f"{'ok' if shape_ok else 'MISMATCH'}")
+
+    # The T2I-Adapter: its parameter count, and its 4 features consumed by the UNet in the same step as the ControlNets.
+    adapter = full_size_t2i_adapter("meta", torch.float16)
+    t2i_params = sum(p.numel() for p in adapter.parameters())
+    with torch.no_grad(), torch.device("meta"):
+        with FlopCounterMode(display=False) as t2i_flops:
+            features = [f.repeat(2, 1, 1, 1) for f in adapter(torch.empty(1, 3, profile.height, profile.width, **half))]
+        shapes = [tuple(f.shape[1:]) for f in features]
+        with FlopCounterMode(display=False) as unet_flops:
+            out = pipe.unet(sample, t, hidden, added_cond_kwargs=added, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid, down_intrablock_additional_residuals=features, return_dict=False)[0]
+    t2i_ok = t2i_params == 79_028_160 and not features and tuple(out.shape) == (2, 4, latent, latent)
+    ok &= t2i_ok
+    print(f"  t2i-adapter     {t2i_params:>15,d}  (TencentARC SDXL: 79,028,160); features {shapes} all consumed by the UNet "
+          f"with the 2 ControlNets' residuals {'ok' if t2i_ok else 'MISMATCH'}")
+    unet_run = profile.steps * unet_flops.get_total_flops()
+    print(f"  FLOPs at {profile.width}x{profile.height}, {profile.steps} CFG steps: UNet {unet_run / 1e12:.0f} TFLOP; "
+          f"a ControlNet unit +{cn_flops.get_total_flops() / 2 * profile.steps / unet_run:.1%} (every step); "
+          f"a T2I-Adapter unit +{t2i_flops.get_total_flops() / unet_run:.2%} (once: {t2i_flops.get_total_flops() / 1e12:.2f} TFLOP)")
 
     # The zero-conv randomisation, for real, on the tiny UNet: the residuals must not be zero.
     from engine.tiny import build_tiny_unet
@@ -679,15 +734,17 @@ def dry_run() -> int:
     name, nf, nb = FULL_RRDB
     state = realesrgan_state_dict(4, nf=nf, nb=nb)
     params = sum(v.numel() for v in state.values())
-    upscaler = Upscaler.from_state_dict(state, device="meta", dtype="fp16", name="full")
+    # Upscaler takes real devices only (engine.devices): loaded through spandrel on the CPU, then moved to meta in fp16.
+    upscaler = Upscaler.from_state_dict(state, device="cpu", dtype="fp32", name="full")
+    model = torch.nn.Module.to(upscaler.descriptor.model, "meta", torch.float16)
     with torch.inference_mode():
-        y = upscaler.descriptor.model(torch.empty(1, 3, 1024, 1024, device="meta", dtype=upscaler.dtype))
-    esr_ok = params == 16_697_987 and tuple(y.shape) == (1, 3, 4096, 4096) and upscaler.dtype == torch.float16
+        y = model(torch.empty(1, 3, 1024, 1024, device="meta", dtype=torch.float16))
+    esr_ok = params == 16_697_987 and tuple(y.shape) == (1, 3, 4096, 4096) and y.dtype == torch.float16
     ok &= esr_ok
     tiles, pixels = tile_plan(1024, 512, 32, upscaler.align)
     flops = 2 * rrdbnet_macs_per_pixel(nf, nb)
     print(f"  RRDBNet x4 nf{nf} nb{nb}: {params:,} parameters (RealESRGAN_x4plus: 16,697,987), {upscaler.architecture} "
-          f"via spandrel, {str(upscaler.dtype).removeprefix('torch.')} on meta; 1024x1024 -> {tuple(y.shape)} "
+          f"via spandrel, {str(y.dtype).removeprefix('torch.')} on meta; 1024x1024 -> {tuple(y.shape)} "
           f"{'ok' if esr_ok else 'MISMATCH'}")
     print(f"  1024x1024 at tile 512 / overlap 32: {tiles} tiles, {pixels / 1e6:.2f} MP of model input "
           f"({pixels / 1024**2:.2f}x the image); {flops * 1024**2 / 1e12:.1f} TFLOP untiled, {flops * pixels / 1e12:.1f} tiled")

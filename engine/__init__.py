@@ -1,4 +1,4 @@
-"""refgen's engine: `from engine import Engine, GenerationRequest, ControlUnit, Reference, CharacterReference`.
+"""refgen's engine: `from engine import Engine, GenerationRequest, ControlUnit, T2IAdapterUnit, Reference, CharacterReference`.
 
 Names are resolved on first use (PEP 562) for import cost, not to hide a cycle (engine/ and adapters/
 import each other in one direction only; tests/test_layering.py checks it): `import engine.api.server`
@@ -13,6 +13,7 @@ _EXPORTS = {
     "GenerationRequest": "engine.request",
     "LoraSpec": "engine.request",
     "ControlUnit": "engine.request_types",
+    "T2IAdapterUnit": "engine.request_types",
     "Reference": "engine.request_types",
     "CharacterReference": "engine.request_types",
     "StepInfo": "engine.sampling",

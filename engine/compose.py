@@ -18,6 +18,7 @@ from adapters.identity import CharacterReferences, FaceIDPlusV2, InstantID
 from adapters.inpaint import Inpainting
 from adapters.ip_adapter import IPAdapters, StyleContentReferences
 from adapters.preprocess import Preprocessors
+from adapters.t2i_adapter import T2IAdapterLibrary, T2IAdapters
 from adapters.upscale import Upscaler
 
 from . import paths
@@ -42,8 +43,8 @@ AdapterFactory = Callable[[Setup], list[Adapter]]
 
 
 def default_adapters(setup: Setup, *, ip_adapter: str = "vit-h", controlnets: Optional[ControlNetLibrary] = None,
-                     ip_adapters: Optional[IPAdapters] = None, instantid: Union[str, Path, None] = None,
-                     faceid: Union[str, Path, None] = None, store=None,
+                     ip_adapters: Optional[IPAdapters] = None, t2i_adapters: Optional[T2IAdapterLibrary] = None,
+                     instantid: Union[str, Path, None] = None, faceid: Union[str, Path, None] = None, store=None,
                      analyzers: Optional[dict[str, FaceAnalyzer]] = None) -> list[Adapter]:
     """Every kind of guidance, in the order they take part: inpainting checks its mask before any slow
     preprocessing; the character is IP-Adapter instance 0 (adapters/identity.py FACEID_LORA), so it comes
@@ -58,6 +59,7 @@ def default_adapters(setup: Setup, *, ip_adapter: str = "vit-h", controlnets: Op
     return [
         Inpainting(),
         ControlNets(library, preprocessors),
+        T2IAdapters(t2i_adapters or T2IAdapterLibrary(setup.device, setup.dtype, **sources), preprocessors),
         CharacterReferences(faces, setup.device, store=store, analyzers=analyzers, **sources),
         StyleContentReferences(ip),
     ]

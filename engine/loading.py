@@ -43,6 +43,24 @@ class ModelInfo:
         return (main or next(iter(sorted(self.hashes.values()))))[:10]
 
 
+def state_dict_keys(path: Path) -> list[str]:
+    """The parameter names in a weights file, without loading the tensors of a safetensors file. Pickles
+    (read weights-only; callers check the opt-in first) may nest one level, as IP-Adapter's .bin files do
+    ({"image_proj": {...}, "ip_adapter": {...}}): those keys come back joined with "."."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as file:
+            return list(file.keys())
+    import torch
+
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        return []
+    return [f"{outer}.{inner}" if isinstance(value, dict) else outer
+            for outer, value in state.items() for inner in (value if isinstance(value, dict) else [None])]
+
+
 def check_pickle(path: Path, allow_pickle: bool) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
         raise UnsafeWeightsError(

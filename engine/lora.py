@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 from .errors import RefgenError
 from .hashing import cached_sha256
-from .loading import check_pickle
+from .loading import check_pickle, state_dict_keys
 from .provenance import package_versions
 from .request import LoraSpec
 
@@ -174,18 +174,6 @@ def peft_version_message(exc: BaseException) -> str:
 
 def _lora_layers_in_file(path: Path):
     """How many LoRA layers (down/A projections) a file holds; None when the layout is not a plain LoRA."""
-    keys = _keys(path)
+    keys = state_dict_keys(path)
     count = sum(1 for key in keys if key.endswith(("lora_A.weight", "lora_down.weight", "lora.down.weight", "lora_linear_layer.down.weight")))
     return count or None
-
-
-def _keys(path: Path) -> list[str]:
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as file:
-            return list(file.keys())
-    import torch
-
-    state = torch.load(str(path), map_location="cpu", weights_only=True)  # only reached with allow_pickle
-    return list(state.keys()) if isinstance(state, dict) else []

@@ -19,7 +19,7 @@ from PIL import Image, PngImagePlugin
 
 from .errors import ProvenanceError
 from .hashing import sha256_file
-from .images import load_rgb, write_atomic
+from .images import load_rgb, pixel_digest, write_atomic
 from .schedulers import SCHEDULERS
 
 FORMAT_VERSION = 1
@@ -133,7 +133,8 @@ def read_metadata(path: Path) -> dict:
 
 def request_record(request) -> dict:
     """The request as given, JSON-safe: image inputs become their path (or a marker when in memory)."""
-    record = request.model_dump(mode="json", exclude={"init_image", "mask_image", "controlnets", "references", "character"})
+    record = request.model_dump(mode="json", exclude={"init_image", "mask_image", "controlnets", "t2i_adapters", "references",
+                                                      "character"})
     record["init_image"] = source_label(request.init_image)
     record["mask_image"] = source_label(request.mask_image)
     if request.character is not None:
@@ -141,7 +142,7 @@ def request_record(request) -> dict:
         record["character"] = {**character.model_dump(mode="json", exclude={"images", "pose_image"}),
                                "images": [source_label(image) for image in character.images],
                                "pose_image": source_label(character.pose_image)}
-    for name in ("controlnets", "references"):
+    for name in ("controlnets", "t2i_adapters", "references"):
         record[name] = [
             {**item.model_dump(mode="json", exclude={"image"}), "image": source_label(item.image)} for item in getattr(request, name)
         ]
@@ -160,9 +161,7 @@ def image_record(source: Any, image: Optional[Image.Image]) -> Optional[dict]:
         return None
     if isinstance(source, (str, Path)):
         return {"path": str(Path(source).resolve()), "sha256": sha256_file(Path(source))}
-    import hashlib
-
-    return {"path": None, "sha256": hashlib.sha256(image.tobytes()).hexdigest(), "hash_of": "rgb pixels"}
+    return {"path": None, "sha256": pixel_digest(image), "hash_of": "rgb pixels and size"}
 
 
 def input_record(item, image: Image.Image) -> dict:

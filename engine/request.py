@@ -10,7 +10,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .request_types import CharacterReference, ControlUnit, Reference
+from .request_types import CharacterReference, ControlUnit, Reference, T2IAdapterUnit
 
 from . import presets as preset_lib
 from . import schedulers
@@ -74,6 +74,7 @@ class GenerationRequest(BaseModel):
     mask_feather: int = Field(default=4, ge=0, le=64)  # px of soft seam, inside the mask only
     loras: list[LoraSpec] = Field(default_factory=list, max_length=16)
     controlnets: list[ControlUnit] = Field(default_factory=list, max_length=8)
+    t2i_adapters: list[T2IAdapterUnit] = Field(default_factory=list, max_length=8)  # features computed once, not per step
     references: list[Reference] = Field(default_factory=list, max_length=8)  # Style / Content Reference
     character: Optional[CharacterReference] = None  # Character Reference: a saved character or photos
     best_of: Optional[int] = Field(default=None, ge=2, le=8)  # character requests: make N, rank by identity score
@@ -157,6 +158,7 @@ class ResolvedRequest(BaseModel):
     mask_feather: int = 0
     loras: list[LoraSpec]
     controlnets: list[dict] = Field(default_factory=list)  # units with image identities, see Engine
+    t2i_adapters: list[dict] = Field(default_factory=list)  # T2I-Adapter units with image identities
     mask_image: Optional[dict] = None  # the inpainting mask's identity (path, sha256)
     references: list[dict] = Field(default_factory=list)  # style/content references with image identities
     character: Optional[dict] = None  # the Character Reference with its images' identities, see Engine

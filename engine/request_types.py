@@ -1,5 +1,5 @@
 """The public request types besides GenerationRequest, and their strength tables: a ControlNet unit,
-a Style/Content Reference, a Character Reference. Plain validated data (pydantic), no models: the
+a T2I-Adapter unit, a Style/Content Reference, a Character Reference. Plain validated data (pydantic), no models: the
 request, the CLI and the Leonardo translation use them without loading any adapter, and each adapter
 in adapters/ reads them.
 
@@ -12,7 +12,7 @@ Strength tables (Leonardo's strengthType buckets onto a weight 0-2):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -41,8 +41,8 @@ def canonical_type(name: str) -> str:
     return key
 
 
-class ControlUnit(BaseModel):
-    """One ControlNet unit of a request."""
+class ImageUnit(BaseModel):
+    """What every unit guiding with a picture has: ControlNet units and T2I-Adapter units."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=True)
 
@@ -55,16 +55,60 @@ class ControlUnit(BaseModel):
     fit: FitMode = "crop"
     options: dict[str, Union[float, int, bool, str]] = Field(default_factory=dict)  # preprocessor options
 
+    @model_validator(mode="after")
+    def _window(self) -> "ImageUnit":
+        if self.start >= self.end:
+            raise ValueError(f"{self.kind} window: start ({self.start}) must be before end ({self.end})")
+        return self
+
+    kind: ClassVar[str] = "unit"  # how messages name it
+
+    def active_at(self, step: int, total: int) -> bool:
+        """Step i of n runs unless the weight is 0, i/n < start or (i+1)/n > end (diffusers' ControlNet window
+        rule; with start 0 it is the T2I-Adapter pipeline's `i < int(n * adapter_conditioning_factor)`)."""
+        return active_at(self.weight, self.start, self.end, step, total)
+
+
+def active_at(weight: float, start: float, end: float, step: int, total: int) -> bool:
+    """ImageUnit.active_at for a unit already turned into tensors."""
+    return weight != 0 and not (step / total < start or (step + 1) / total > end)
+
+
+class ControlUnit(ImageUnit):
+    """One ControlNet unit of a request."""
+
+    kind: ClassVar[str] = "control unit"
+
     @field_validator("type")
     @classmethod
     def _known_type(cls, value: str) -> str:
         return canonical_type(value)
 
-    @model_validator(mode="after")
-    def _window(self) -> "ControlUnit":
-        if self.start >= self.end:
-            raise ValueError(f"control unit window: start ({self.start}) must be before end ({self.end})")
-        return self
+
+# -- T2I-Adapter units ---------------------------------------------------------------------------
+
+# The published SDXL T2I-Adapters (TencentARC), by the control type whose preprocessor feeds them:
+# sketch is `scribble` (alias `sketch`), depth-midas is `depth`, openpose is `pose`.
+T2I_ADAPTER_TYPES = ("canny", "lineart", "scribble", "depth", "pose")
+
+
+class T2IAdapterUnit(ImageUnit):
+    """One T2I-Adapter unit of a request: like a ControlNet unit, but its features are computed once per
+    generation. `weight` is diffusers' adapter_conditioning_scale, `end` its adapter_conditioning_factor."""
+
+    kind: ClassVar[str] = "T2I-Adapter unit"
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        return t2i_adapter_type(value)
+
+
+def t2i_adapter_type(name: str) -> str:
+    key = normalise_type(name)
+    if key not in T2I_ADAPTER_TYPES:
+        raise ValueError(f"no T2I-Adapter for type {name!r}; types: {', '.join(T2I_ADAPTER_TYPES)} (sketch = scribble)")
+    return key
 
 
 # -- Style / Content Reference -------------------------------------------------------------------

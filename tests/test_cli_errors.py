@@ -99,6 +99,7 @@ def photo(tmp_path):
     (["--init", "{tmp}/missing.png"], "init image (--init) not found"),
     (["--init", "{photo}", "--mask", "{tmp}/missing.png"], "mask (--mask) not found"),
     (["--control", "canny:{tmp}/missing.png:0.8"], "control image 1 (--control) not found"),
+    (["--adapter", "sketch:{tmp}/missing.png:0.8"], "adapter image 1 (--adapter) not found"),
     (["--style", "{tmp}/missing.png:High"], "style reference image (--style) not found"),
     (["--content", "{tmp}/missing.png"], "content reference image (--content) not found"),
     (["--character", "{tmp}/missing.jpg"], "character image 1 (--character) not found"),
@@ -122,6 +123,8 @@ def test_input_files_are_checked_before_the_model_loads(refgen_home, tmp_path, p
     (["generate", "x", *TINY, "--init-strength", "0.5"], "--init-strength needs an --init", "init_strength"),
     (["generate", "x", *TINY, "--character", "Mira", "--character-strength", "9"], "--character-strength: Input", "character.weight"),
     (["remix", "{photo}", "x", "--model", "tiny", "--control-weight", "5"], "--control-weight: Input", "-- weight:"),
+    (["generate", "x", *TINY, "--adapter", "normal:{photo}"], "--adapter #1 (type): no T2I-Adapter for type 'normal'",
+     "t2i_adapters"),
 ])
 def test_validation_errors_name_the_flag_the_user_typed(refgen_home, tmp_path, photo, command, flag, unwanted):
     args = [arg.format(photo=photo) for arg in command]

@@ -152,6 +152,28 @@ def test_missing_ip_adapter_weights_name_the_fetch_command(engine):
         engine.generate(_request(references=[Reference(kind="style", image=_picture(0))]))
 
 
+def test_which_clip_output_an_adapter_feeds_on_is_read_from_its_keys(tiny_model_dir, tmp_path):
+    """Plus files carry a Resampler's learnt latents and feed on hidden states; the base file does not.
+    The same holds for the published .bin layout (nested image_proj / ip_adapter dicts)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from adapters.ip_adapter import WEIGHT_FILES, resamples_hidden_states
+    from tiny_ip_adapter import save_tiny_ip_adapter_plus
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_model_dir), subfolder="unet")
+    root = save_tiny_ip_adapter_plus(unet, save_tiny_ip_adapter(unet, tmp_path / "IP-Adapter"))
+    plus, base = root / WEIGHT_FILES["plus"], root / WEIGHT_FILES["vit-h"]
+    assert resamples_hidden_states(plus) and not resamples_hidden_states(base)
+    nested: dict = {}
+    for key, tensor in load_file(str(plus)).items():
+        outer, inner = key.split(".", 1)
+        nested.setdefault(outer, {})[inner] = tensor
+    torch.save(nested, tmp_path / "ip-adapter-plus_sdxl_vit-h.bin")
+    assert resamples_hidden_states(tmp_path / "ip-adapter-plus_sdxl_vit-h.bin")
+
+
 @pytest.mark.parametrize("kind", ["style", "content"])
 def test_the_plus_layout_matches_diffusers(tiny_model_dir, ip_root, kind):
     """ip-adapter-plus_sdxl_vit-h: a Resampler over the encoder's hidden states (tiny, published key layout)."""

@@ -55,6 +55,8 @@ SMOKE = {  # option -> (command line with {photo} / {mask} / {folder} placeholde
     "remix": (["remix", "{photo}", "a bronze statue"], (NATIVE, NATIVE)),
     "remix --control depth": (["remix", "{photo}", "a bronze statue", "--control", "depth"], (NATIVE, NATIVE)),
     "--control": (["generate", "a dancer", "--control", "canny:{photo}", "--control", "depth:{photo}:0.5", *SMALL], (64, 64)),
+    "--adapter": (["generate", "a dancer", "--adapter", "sketch:{photo}", "--adapter", "depth:{photo}:0.5:0:0.6",
+                   "--control", "canny:{photo}", *SMALL], (64, 64)),
     "--style/--content": (["generate", "a cat", "--style", "{photo}:High", "--content", "{photo}:0.5", *SMALL], (64, 64)),
     "--character": (["generate", "a portrait", "--character", "{photo}", *SMALL], (64, 64)),
     "--character faceid": (["generate", "a portrait", "--character", "{photo}", "--character-adapter", "faceid", *SMALL],

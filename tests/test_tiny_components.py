@@ -139,6 +139,24 @@ def test_register_tells_single_type_from_union_folders(tmp_path):
     assert type(library.model("depth")).__name__ == "UnionControl"  # loaded the promax files, serves its depth mode
 
 
+def test_the_weights_keys_decide_single_or_union_whatever_the_config_says(tmp_path):
+    """As spandrel tells architectures apart: by the parameters present. A union model re-saved with a plain
+    ControlNet class name is still served as a union, and a UNet's folder is no ControlNet at all."""
+    import json
+
+    from adapters.controlnet import ControlNetFolderError, controlnet_kind
+
+    union = tiny.build_tiny_union(tiny.tiny_unet_config(), seed=2)
+    union.save_pretrained(tmp_path / "union")
+    config = tmp_path / "union" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "_class_name": "ControlNetModel"}))
+    assert controlnet_kind(tmp_path / "union") == "union"
+    assert controlnet_kind(tiny.save_tiny_controlnet(tiny.build_tiny_unet(0), tmp_path / "canny", seed=1)) == "single"
+    tiny.build_tiny_unet(0).save_pretrained(tmp_path / "unet")
+    with pytest.raises(ControlNetFolderError, match="holds no ControlNet"):
+        controlnet_kind(tmp_path / "unet")
+
+
 def test_engine_load_registers_controlnets_and_refuses_a_bad_folder_first(refgen_home, tmp_path):
     from adapters.controlnet import ControlNetFolderError, ControlNets
     from engine import Engine

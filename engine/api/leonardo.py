@@ -66,6 +66,12 @@ same kind):
 
 preprocessorId is a number in Leonardo's schema (the Python SDK sends 19.0): any whole number is accepted.
 
+T2I-Adapters (refgen's `t2i_adapters`) are not reachable from this API, on purpose: Leonardo has no such
+feature and no preprocessorId for one, its SDKs build request bodies from their own schemas (a refgen-only key
+would not survive them), and this API's promise is Leonardo's JSON, so an unknown key stays a 422. A
+preprocessorId keeps meaning a ControlNet unit, whose result Leonardo users expect; T2I-Adapters are for the
+library and the CLI (`--adapter`).
+
 Strength: `weight` (0-2, a number or a numeric string: Leonardo's Edge sample sends "0.5") or
 `strengthType`, never both. References and Character Reference keep strengthType as such (their
 adapters own the bucket tables); a ControlUnit has only a weight, so strengthType becomes the middle

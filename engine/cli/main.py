@@ -41,7 +41,8 @@ GENERATE_FLAGS = MappingProxyType({
     "height": "--height", "num_images": "--n", "seed": "--seed", "steps": "--steps", "guidance_scale": "--guidance",
     "scheduler": "--scheduler", "mode": "--mode", "preset": "--preset", "init_image": "--init",
     "init_strength": "--init-strength", "mask_image": "--mask", "mask_feather": "--feather", "loras": "--lora",
-    "controlnets": "--control", "references": "--style/--content", "character": "--character",
+    "controlnets": "--control", "t2i_adapters": "--adapter", "references": "--style/--content",
+    "character": "--character",
     "character.weight": "--character-strength", "character.strength_type": "--character-strength",
     "character.adapter": "--character-adapter", "character.pose_image": "--pose",
     "character.face_index": "--face-index", "best_of": "--best-of", "upscale": "--upscale", "upscaler": "--upscaler",
@@ -143,6 +144,7 @@ def generate(
     init_strength: Annotated[Optional[float], typer.Option("--init-strength", help="0.1-0.9; higher = closer to the init image.")] = None,
     lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file, optionally :weight (repeatable).")] = None,
     control: Annotated[Optional[list[str]], typer.Option("--control", help="ControlNet unit TYPE:IMAGE[:WEIGHT[:START:END]], e.g. canny:photo.jpg:0.8 (repeatable).")] = None,
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="T2I-Adapter unit TYPE:IMAGE[:WEIGHT[:START:END]] (canny, lineart, sketch, depth, pose): like --control, but run once per image, not every step (repeatable).")] = None,
     style: Annotated[Optional[list[str]], typer.Option("--style", help="Style Reference IMAGE[:WEIGHT 0-2 or Low..Max[:INFLUENCE]] (repeatable).")] = None,
     content: Annotated[Optional[str], typer.Option("--content", help="Content Reference IMAGE[:WEIGHT or Low..Max].")] = None,
     character: Annotated[Optional[list[str]], typer.Option("--character", "-c", help="Character Reference: a saved character's name, or photos of one person (repeatable, averaged).")] = None,
@@ -173,6 +175,7 @@ def generate(
       refgen generate "a red fox in the snow" --aspect 16:9 -n 4 --seed 7
       refgen generate "a castle at dusk" --preset cinematic --mode quality --negative "blurry, text"
       refgen generate "a watercolor harbour" --model tiny --steps 2 --width 64 --height 64   # offline smoke run
+      refgen generate "a knight, oil painting" --adapter sketch:knight.png:0.9 --control pose:dancer.jpg
     """
     from .. import GenerationRequest
 
@@ -182,6 +185,7 @@ def generate(
             num_images=count, seed=seed, steps=steps, guidance_scale=guidance, scheduler=scheduler, mode=mode,
             preset=preset, init_image=init, init_strength=init_strength, loras=lora or [],
             controlnets=[_control_unit(text) for text in control or []], mask_image=mask, mask_feather=feather,
+            t2i_adapters=[_control_unit(text) for text in adapter or []],
             upscale=upscale_by, upscaler=upscaler,
             references=[_reference("style", text) for text in style or []] + ([_reference("content", content)] if content else []),
             character=_character(character, character_strength, character_adapter, pose, face_index), best_of=best_of,
@@ -221,6 +225,7 @@ def _input_images(request) -> list[tuple[Any, str]]:
     """(path, label naming the flag) of every image a request reads."""
     images = [(request.init_image, "init image (--init)"), (request.mask_image, "mask (--mask)")]
     images += [(unit.image, f"control image {n} (--control)") for n, unit in enumerate(request.controlnets, 1)]
+    images += [(unit.image, f"adapter image {n} (--adapter)") for n, unit in enumerate(request.t2i_adapters, 1)]
     images += [(ref.image, f"{ref.kind} reference image (--{ref.kind})") for ref in request.references]
     if request.character is not None:
         images += [(image, f"character image {n} (--character)") for n, image in enumerate(request.character.images, 1)]
@@ -239,8 +244,8 @@ def _check_lora(path_text: str, allow_pickle: bool) -> None:
 
 
 def _control_unit(text: str) -> dict:
-    """'canny:edges.png:0.8:0:0.9' -> ControlUnit fields (weight, start and end optional), validated with
-    the request so errors name --control."""
+    """'canny:edges.png:0.8:0:0.9' -> ControlUnit (or T2IAdapterUnit) fields (weight, start and end optional),
+    validated with the request so errors name --control (--adapter)."""
     from ..request import is_number
 
     kind, _, rest = text.partition(":")

@@ -251,3 +251,35 @@ def save_tiny_faceid(unet, root: Path, clip_hidden: int = 32, lora_rank: int | N
     """root/ip-adapter-faceid-plusv2_sdxl.safetensors. `clip_hidden`: the hidden size of the image encoder whose
     penultimate states FaceID gets (32: `build_tiny_image_encoder`)."""
     return _save(tiny_faceid_plusv2_state_dict(unet, clip_hidden, lora_rank=lora_rank), Path(root) / weight_name)
+
+
+# ------------------------------------------------------------------------------------- T2I-Adapter
+
+# TencentARC/t2i-adapter-*-sdxl-1.0: diffusers' T2IAdapter folders (config.json + diffusion_pytorch_model
+# [.fp16].safetensors), config `adapter_type: full_adapter_xl`, in_channels 3, channels [320, 640, 1280, 1280],
+# num_res_blocks 2, downscale_factor 16; keys `adapter.conv_in.*`, `adapter.body.{i}.[in_conv|resnets.{j}.block{1,2}].*`.
+T2I_ADAPTER_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+T2I_ADAPTER_NAMES = ("canny", "lineart", "sketch", "depth-midas", "openpose")  # t2i-adapter-{name}-sdxl
+T2I_WEIGHT_GAIN = 3.0
+
+
+def build_tiny_t2i_adapter(unet, seed: int = 40):
+    """The same config family shrunk to the tiny UNet: one feature map per down block, each as wide as its block
+    (channels = the UNet's block_out_channels), one res block each. Weights scaled up so the features visibly move
+    the tiny model's image (a default-initialised adapter barely does, and would prove little)."""
+    from diffusers import T2IAdapter
+
+    torch.manual_seed(seed)
+    adapter = T2IAdapter(in_channels=3, channels=list(unet.config.block_out_channels), num_res_blocks=1,
+                         downscale_factor=16, adapter_type="full_adapter_xl")
+    with torch.no_grad():
+        for parameter in adapter.parameters():
+            parameter.mul_(T2I_WEIGHT_GAIN)
+    return adapter.eval()
+
+
+
+def save_tiny_t2i_adapter(unet, folder: Path, seed: int = 40) -> Path:
+    """config.json + diffusion_pytorch_model.safetensors, as diffusers' save_pretrained writes the published ones."""
+    build_tiny_t2i_adapter(unet, seed).save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
