@@ -132,21 +132,19 @@ def read_metadata(path: Path) -> dict:
 
 
 def request_record(request) -> dict:
-    """The request as given, JSON-safe: image inputs become their path (or a marker when in memory)."""
-    record = request.model_dump(mode="json", exclude={"init_image", "mask_image", "controlnets", "t2i_adapters", "references",
-                                                      "character"})
-    record["init_image"] = source_label(request.init_image)
-    record["mask_image"] = source_label(request.mask_image)
-    if request.character is not None:
-        character = request.character
-        record["character"] = {**character.model_dump(mode="json", exclude={"images", "pose_image"}),
-                               "images": [source_label(image) for image in character.images],
-                               "pose_image": source_label(character.pose_image)}
-    for name in ("controlnets", "t2i_adapters", "references"):
-        record[name] = [
-            {**item.model_dump(mode="json", exclude={"image"}), "image": source_label(item.image)} for item in getattr(request, name)
-        ]
-    return record
+    """The request as given, JSON-safe: every image input (of any field, any adapter's units) becomes its
+    path, or a marker when it was given in memory."""
+    return _labelled(request.model_dump(mode="python"))
+
+
+def _labelled(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _labelled(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_labelled(item) for item in value]
+    if isinstance(value, (Image.Image, Path)):
+        return source_label(value)
+    return value
 
 
 def source_label(source: Any) -> Optional[str]:
