@@ -88,11 +88,12 @@ class Start:
 
 
 def schedule(scheduler, steps: int, denoise: float, device) -> torch.Tensor:
-    """Timesteps to run. img2img (denoise < 1) skips the noisiest steps, as diffusers does."""
+    """Timesteps to run. img2img (denoise < 1) skips the noisiest steps, as diffusers does.
+
+    The begin index is set even from step 0 (as diffusers' img2img and inpaint pipelines do): without it a
+    scheduler finds its first step, and add_noise every step, by searching its timesteps on the host."""
     scheduler.set_timesteps(steps, device=device)
-    if denoise >= 1.0:
-        return scheduler.timesteps
-    start = (steps - steps_to_run(steps, denoise)) * scheduler.order
+    start = 0 if denoise >= 1.0 else (steps - steps_to_run(steps, denoise)) * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     return scheduler.timesteps[start:]
@@ -105,10 +106,24 @@ def steps_to_run(steps: int, denoise: float) -> int:
     return max(1, min(int(Decimal(repr(denoise)) * steps), steps))
 
 
-def step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
-    """Ancestral/SDE schedulers draw noise each step: give them the per-image generators."""
+def step_kwargs(scheduler, generators: list[torch.Generator], latents: torch.Tensor, steps: int) -> list[dict]:
+    """Each step's extra arguments to scheduler.step: an SDE DPM-Solver's noise, drawn before the loop;
+    else the per-image generators for a scheduler that draws its own (Euler a); else nothing."""
+    drawn = step_noise(scheduler, generators, latents, steps)
+    if drawn is not None:
+        return [{"variance_noise": noise} for noise in drawn]
     accepted = inspect.signature(scheduler.step).parameters
-    return {"generator": generators} if "generator" in accepted else {}
+    return [{"generator": generators} if "generator" in accepted else {}] * steps
+
+
+def step_noise(scheduler, generators: list[torch.Generator], latents: torch.Tensor, steps: int) -> Optional[torch.Tensor]:
+    """The noise an SDE DPM-Solver step draws, for every step at once: the same per-image CPU generators in
+    the same order (so the same values), moved to the device once rather than in every step. None for the
+    other schedulers (diffusers' Euler a step takes no noise, only a generator)."""
+    if getattr(scheduler.config, "algorithm_type", None) not in ("sde-dpmsolver", "sde-dpmsolver++"):
+        return None
+    draws = [initial_noise(latents.shape, generators, generators[0].device, torch.float32) for _ in range(steps)]
+    return torch.stack(draws).to(latents.device)
 
 
 def predict_noise(unet, latents, timestep, cond: Conditioning, scheduler, step: int, total: int) -> torch.Tensor:
@@ -153,15 +168,21 @@ def denoise(
     generators: list[torch.Generator],
     on_step: Optional[StepCallback] = None,
 ) -> torch.Tensor:
-    """Run the scheduler from `latents` over `timesteps`; returns the denoised latents."""
-    extra = step_kwargs(scheduler, generators)
-    total = len(timesteps)
+    """Run the scheduler from `latents` over `timesteps`; returns the denoised latents.
+
+    Nothing of ours in the loop reads a tensor's value on the host (on a GPU each read would wait for the
+    queued work): the timesteps are read once, before it. The UNet takes the device timestep; the scheduler's
+    step the host one (with the begin index set it looks nothing up, and DDIM/PNDM compare it in Python).
+    Diffusers' Euler and LMS steps still read their sigmas, which they keep on the CPU (tests/test_host_syncs.py)."""
+    host = timesteps.tolist()
+    total = len(host)
+    extra = step_kwargs(scheduler, generators, latents, total)
     with torch.inference_mode():
         for step, timestep in enumerate(timesteps):
             noise = predict_noise(unet, latents, timestep, cond, scheduler, step, total)
-            latents = scheduler.step(noise, timestep, latents, return_dict=False, **extra)[0]
+            latents = scheduler.step(noise, host[step], latents, return_dict=False, **extra[step])[0]
             for contribution in cond.contributions:
                 latents = contribution.after_step(latents, step, timesteps, scheduler)
-            if on_step is not None and on_step(StepInfo(step, total, float(timestep), latents)) is False:
+            if on_step is not None and on_step(StepInfo(step, total, float(host[step]), latents)) is False:
                 raise GenerationCancelled(f"cancelled by the step callback after step {step + 1} of {total}")
     return latents
