@@ -252,10 +252,6 @@ class ReadyControl:
     end: float = 1.0
     context: Optional[torch.Tensor] = None  # what it attends to; None: the prompt (InstantID's IdentityNet: face tokens)
 
-    def active_at(self, step: int, total: int) -> bool:
-        """Step i of n runs unless the weight is 0, i/n < start or (i+1)/n > end (diffusers' window rule)."""
-        return active_at(self.weight, self.start, self.end, step, total)
-
 
 class ControlGuidance(Guidance):
     """The summed residuals of a request's ControlNets (engine Contribution)."""
@@ -266,7 +262,7 @@ class ControlGuidance(Guidance):
     def unet_kwargs(self, latent_input, timestep, step: int, total: int, cond) -> dict:
         down, mid = None, None
         for ready in self._controls:
-            if not ready.active_at(step, total):
+            if not active_at(ready.weight, ready.start, ready.end, step, total):
                 continue  # exactly "no unit": skipping adds nothing, where running at scale 0 adds zeros
             context = cond.prompt_embeds if ready.context is None else ready.context
             unit_down, unit_mid = ready.model(

@@ -271,7 +271,8 @@ class CharacterReferences:
                  for n, picture in enumerate(pictures, 1)]
         raw = np.mean([face.embedding * face.embedding_norm for face in faces], axis=0)  # InstantID: sum / n of raw vectors
         posed = faces[0] if pose is None else analyzer.analyze(pose, what="the pose image", min_face=0)
-        return Identity(label, anchor, mean_identity([face.embedding for face in faces], f"the faces of {label}"), raw.astype(np.float32), analyzer.pack, faces[0].crop,
+        embedding = mean_identity([face.embedding for face in faces], f"the faces of {label}")
+        return Identity(label, anchor, embedding, raw.astype(np.float32), analyzer.pack, faces[0].crop,
                         keypoints_image(posed.kps, posed.image_size))
 
     def score(self, adapter: str, identity: Identity, images: list[Image.Image]) -> list[Optional[float]]:

@@ -131,12 +131,14 @@ class IPAdapters:
 
     def reference_uses(self, references: list[Reference], batch: int, guided: bool) -> list[AdapterUse]:
         """One adapter instance per kind of reference (style, content) with its InstantStyle block scales."""
-        uses = []
-        file = AdapterFile(self._folder(), self._weight_file) if references else None
+        if not references:
+            return []
+        uses, file = [], AdapterFile(self._folder(), self._weight_file)
+        hidden_states = self._feeds_on_hidden_states(file.folder / file.weight_name)
         for kind in KINDS:
             chosen = [r for r in references if r.kind == kind]
             if chosen:
-                positive, negative = self._combined(chosen)
+                positive, negative = self._combined(chosen, hidden_states)
                 embeds = cfg_rows(positive, negative, batch, guided).to(self._device, self._dtype)
                 uses.append(AdapterUse(file, block_scales(self._pipe.unet, kind, _weighted_scale(chosen)), embeds))
         return uses
@@ -231,12 +233,13 @@ class IPAdapters:
 
         return weights.locate(self._reference, self._weights_dir, self._manifest)
 
-    def _combined(self, references: list[Reference]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Influence-weighted mean of the references' embeddings (only the ratio of influences matters)."""
-        file = self._folder() / self._weight_file
+    def _feeds_on_hidden_states(self, file: Path) -> bool:
         if file not in self._hidden_states:
             self._hidden_states[file] = resamples_hidden_states(file)
-        hidden_states = self._hidden_states[file]
+        return self._hidden_states[file]
+
+    def _combined(self, references: list[Reference], hidden_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Influence-weighted mean of the references' embeddings (only the ratio of influences matters)."""
         encoded = [self.encode(r.image, hidden_states) for r in references]
         total = sum(r.influence for r in references)
         positive = sum((r.influence / total) * pos for r, (pos, _) in zip(references, encoded))

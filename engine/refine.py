@@ -23,7 +23,7 @@ def refine(pixels: np.ndarray, resolved: ResolvedRequest, native_size: int, alig
     """
     width, height = resolved.refined_size
     if resolved.refine_upsampler == "esrgan":
-        pixels = esrgan(resolved.upscaler or default_upscaler(2)).upscale_pixels(pixels)
+        pixels = esrgan(refine_upscaler(resolved)).upscale_pixels(pixels)
     upsampled = resize_pixels(pixels, width, height) * 2 - 1
     if max(width, height) <= int(native_size * 1.5):
         return run(upsampled, True)
@@ -35,19 +35,25 @@ def refine(pixels: np.ndarray, resolved: ResolvedRequest, native_size: int, alig
 
 def upscale(pixels: np.ndarray, resolved: ResolvedRequest, esrgan) -> np.ndarray:
     """The plain `upscale=` step: ESRGAN only, resized to the exact factor when the model's differs."""
-    upscaler = esrgan(resolved.upscaler or default_upscaler(resolved.upscale))
+    upscaler = esrgan(upscale_upscaler(resolved))
     height, width = pixels.shape[1] * resolved.upscale, pixels.shape[2] * resolved.upscale
     return resize_pixels(upscaler.upscale_pixels(pixels), width, height).permute(0, 2, 3, 1).numpy()
 
 
 def upscalers_used(resolved: ResolvedRequest) -> list[str]:
     """The ESRGAN models a request runs, by reference (for provenance)."""
-    used = []
-    if resolved.refine_upsampler == "esrgan":
-        used.append(resolved.upscaler or default_upscaler(2))
-    if resolved.upscale:
-        used.append(resolved.upscaler or default_upscaler(resolved.upscale))
-    return used
+    used = [refine_upscaler(resolved)] if resolved.refine_upsampler == "esrgan" else []
+    return used + ([upscale_upscaler(resolved)] if resolved.upscale else [])
+
+
+def refine_upscaler(resolved: ResolvedRequest) -> str:
+    """Ultra mode's ESRGAN: the request's, else the x2 default (the refine goes up 2x)."""
+    return resolved.upscaler or default_upscaler(2)
+
+
+def upscale_upscaler(resolved: ResolvedRequest) -> str:
+    """The `upscale=` step's ESRGAN: the request's, else the default of its factor."""
+    return resolved.upscaler or default_upscaler(resolved.upscale)
 
 
 def resize_pixels(pixels: np.ndarray, width: int, height: int) -> torch.Tensor:

@@ -63,14 +63,10 @@ class ImageUnit(BaseModel):
 
     kind: ClassVar[str] = "unit"  # how messages name it
 
-    def active_at(self, step: int, total: int) -> bool:
-        """Step i of n runs unless the weight is 0, i/n < start or (i+1)/n > end (diffusers' ControlNet window
-        rule; with start 0 it is the T2I-Adapter pipeline's `i < int(n * adapter_conditioning_factor)`)."""
-        return active_at(self.weight, self.start, self.end, step, total)
-
 
 def active_at(weight: float, start: float, end: float, step: int, total: int) -> bool:
-    """ImageUnit.active_at for a unit already turned into tensors."""
+    """Whether a unit runs at step i of n: not when its weight is 0, i/n < start or (i+1)/n > end (diffusers'
+    ControlNet window rule; with start 0 it is the T2I-Adapter pipeline's `i < int(n * adapter_conditioning_factor)`)."""
     return weight != 0 and not (step / total < start or (step + 1) / total > end)
 
 
@@ -131,15 +127,24 @@ class Reference(BaseModel):
 
     @model_validator(mode="after")
     def _one_strength(self) -> "Reference":
-        if self.weight is not None and self.strength_type is not None:
-            raise ValueError("give weight or strength_type, not both")
+        check_one_strength(self.weight, self.strength_type)
         return self
 
     @property
     def scale(self) -> float:
-        if self.weight is not None:
-            return self.weight
-        return STRENGTH_WEIGHTS[self.strength_type] if self.strength_type else DEFAULT_WEIGHT
+        return bucket_weight(self.weight, self.strength_type, STRENGTH_WEIGHTS, DEFAULT_WEIGHT)
+
+
+def check_one_strength(weight: Optional[float], strength_type: Optional[str]) -> None:
+    if weight is not None and strength_type is not None:
+        raise ValueError("give weight or strength_type, not both")
+
+
+def bucket_weight(weight: Optional[float], strength_type: Optional[str], buckets: dict[str, float], default: float) -> float:
+    """The weight 0-2 a reference runs at: its own weight, else its strengthType bucket, else the default."""
+    if weight is not None:
+        return weight
+    return buckets[strength_type] if strength_type else default
 
 
 # -- Character Reference ---------------------------------------------------------------------------
@@ -176,8 +181,7 @@ class CharacterReference(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "CharacterReference":
-        if self.weight is not None and self.strength_type is not None:
-            raise ValueError("give weight or strength_type, not both")
+        check_one_strength(self.weight, self.strength_type)
         if (self.name is None) == (not self.images):
             raise ValueError("a character reference needs a saved character `name` or `images` (one or the other)")
         if self.face_index is not None and self.name is not None:
@@ -189,6 +193,4 @@ class CharacterReference(BaseModel):
     @property
     def scale(self) -> float:
         """The weight 0-2 this reference runs at."""
-        if self.weight is not None:
-            return self.weight
-        return CHARACTER_WEIGHTS[self.strength_type] if self.strength_type else DEFAULT_CHARACTER_WEIGHT
+        return bucket_weight(self.weight, self.strength_type, CHARACTER_WEIGHTS, DEFAULT_CHARACTER_WEIGHT)
