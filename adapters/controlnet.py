@@ -28,6 +28,7 @@ from engine.images import load_rgb
 from engine.provenance import input_record, replay_image
 from engine.request import GenerationRequest, ResolvedRequest
 from engine.request_types import ControlUnit, FitMode, ImageUnit, active_at, canonical_type
+from engine.speed import Speed, prepare_module
 
 from .preprocess import Preprocessors, is_preprocessed
 
@@ -70,11 +71,11 @@ class UnionControl:
     def dtype(self):
         return self.model.dtype
 
-    def __call__(self, sample, timestep, *, controlnet_cond, **kwargs):
+    def __call__(self, sample, timestep, *, controlnet_cond, conditioning_scale, **kwargs):
         control_type = torch.zeros(sample.shape[0], self.model.config.num_control_type, device=sample.device, dtype=sample.dtype)
         control_type[:, self.mode] = 1
         return self.model(sample, timestep, controlnet_cond=[controlnet_cond], control_type=control_type,
-                          control_type_idx=[self.mode], **kwargs)
+                          control_type_idx=[self.mode], conditioning_scale=[conditioning_scale], **kwargs)
 
 
 class ControlNetFolderError(ControlError):
@@ -145,8 +146,8 @@ class ControlNetLibrary:
     """
 
     def __init__(self, device: torch.device, dtype: torch.dtype, references: Optional[dict[str, str]] = None,
-                 use_manifest: bool = True, *, manifest=None, weights_dir: Optional[Path] = None):
-        self._device, self._dtype = device, dtype
+                 use_manifest: bool = True, *, manifest=None, weights_dir: Optional[Path] = None, speed: Optional[Speed] = None):
+        self._device, self._dtype, self._speed = device, dtype, speed or Speed()  # speed: compiled ControlNets with a compiled UNet
         self._manifest, self._weights_dir = manifest, weights_dir
         self._references: dict[str, object] = {}
         self._loaded: dict[object, torch.nn.Module] = {}  # by reference: a union model loads once for all its types
@@ -163,7 +164,7 @@ class ControlNetLibrary:
         says which), a manifest name, or a loaded model. A folder is checked now (ControlNetFolderError)."""
         key = canonical_type(control_type)
         if isinstance(reference, torch.nn.Module):
-            self._loaded[id(reference)] = reference.to(self._device, self._dtype).eval()
+            self._loaded[id(reference)] = prepare_module(reference.to(self._device, self._dtype).eval(), self._speed)
             self._references[key] = ("single", id(reference))
             return
         if self._is_manifest_name(reference):
@@ -218,7 +219,7 @@ class ControlNetLibrary:
 
         folder = weights.locate(reference, self._weights_dir, self._manifest)
         model = _load_union(folder, self._dtype) if kind == "union" else _load_single(folder, self._dtype)
-        return model.to(self._device).eval()
+        return prepare_module(model.to(self._device).eval(), self._speed)
 
 
 def _load_single(folder: Path, dtype) -> torch.nn.Module:
@@ -258,16 +259,19 @@ class ControlGuidance(Guidance):
 
     def __init__(self, controls: list[ReadyControl]):
         self._controls = controls
+        # Each weight as a device tensor: a compiled ControlNet then takes any weight without recompiling (a Python
+        # float would be baked into the graph); the product is the same.
+        self._scales = [torch.tensor(ready.weight, dtype=torch.float32, device=ready.image.device) for ready in controls]
 
     def unet_kwargs(self, latent_input, timestep, step: int, total: int, cond) -> dict:
         down, mid = None, None
-        for ready in self._controls:
+        for ready, scale in zip(self._controls, self._scales):
             if not active_at(ready.weight, ready.start, ready.end, step, total):
                 continue  # exactly "no unit": skipping adds nothing, where running at scale 0 adds zeros
             context = cond.prompt_embeds if ready.context is None else ready.context
             unit_down, unit_mid = ready.model(
                 latent_input, timestep, encoder_hidden_states=context, controlnet_cond=ready.image,
-                conditioning_scale=ready.weight, return_dict=False,
+                conditioning_scale=scale, return_dict=False,
                 added_cond_kwargs={"text_embeds": cond.pooled_embeds, "time_ids": cond.time_ids},
             )
             down = list(unit_down) if down is None else [a + b for a, b in zip(down, unit_down)]

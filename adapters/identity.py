@@ -49,6 +49,7 @@ from engine.lora import LoraPatch
 from engine.provenance import image_record, replay_image
 from engine.request import GenerationRequest, ResolvedRequest
 from engine.request_types import CharacterReference, character_scales
+from engine.speed import Speed, prepare_module
 
 from .characters import FACE_CROP_SIZE, CharacterStore
 from .controlnet import ControlGuidance, ReadyControl, control_tensor
@@ -143,9 +144,10 @@ class InstantID(FaceAdapter):
 
     name, pack, entry, files = "instantid", "antelopev2", INSTANTID_ENTRY, INSTANTID_FILES
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, speed: Optional[Speed] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._identitynet = None
+        self._speed = speed or Speed()  # IdentityNet compiled like the engine's other ControlNets
 
     def use(self, ref, identity, batch, guided) -> AdapterUse:
         adapter_scale, _ = character_scales(ref.scale)
@@ -174,7 +176,7 @@ class InstantID(FaceAdapter):
 
             folder = self.folder() / IDENTITYNET_FOLDER
             model = ControlNetModel.from_pretrained(str(folder), dtype=self._dtype, use_safetensors=True, local_files_only=True)
-            self._identitynet = model.to(self._device).eval()
+            self._identitynet = prepare_module(model.to(self._device).eval(), self._speed)
         return self._identitynet
 
 
@@ -225,6 +227,9 @@ class CharacterReferences:
         ref = request.character
         if ref is None:
             return None
+        if request.guidance_cutoff is not None and ref.adapter == FaceIDPlusV2.name:
+            raise CharacterReferenceError("guidance_cutoff does not work with the faceid adapter (its face CLIP states are "
+                                          "set once for both guidance halves); use adapter='instantid' or no cutoff")
         images = [load_rgb(image, f"character image {n}") for n, image in enumerate(ref.images, 1)]
         pose = None if ref.pose_image is None else load_rgb(ref.pose_image, "pose image")
         identity = self.identity(ref, images, pose)

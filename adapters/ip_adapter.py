@@ -214,6 +214,10 @@ class IPAdapters:
 
     def _set(self, processors: dict, projection, projection_type: Optional[str]) -> None:
         unet = self._pipe.unet
+        if projection is None:
+            # As the plain UNet has it: a plain attribute, not an empty module slot (a compiled UNet then finds
+            # its plain graph again instead of compiling another for a different module tree).
+            delattr(unet, "encoder_hid_proj")
         unet.encoder_hid_proj = projection  # first: a Resampler projection has attention processors of its own
         unet.config.encoder_hid_dim_type = projection_type  # as diffusers' load/unload_ip_adapter set it
         unet.set_attn_processor(dict(processors))  # diffusers empties the dict it is given

@@ -22,6 +22,8 @@ packages=(
   typing-inspection==0.4.5
   typing-extensions==4.16.0  # pydantic 2.14 needs >= 4.16 (the image's may be older)
   spandrel==0.4.2            # adapters.upscale (bench_guidance.py's ESRGAN part); torchvision, einops are on the image
+  torchao==0.18.0            # engine.quantize (Engine.load(quantize="fp8"|"int8")); its C++ kernels may not match the
+                             # image's torch 2.11, the float8/int8 paths used here are Python over torch._scaled_mm
 )
 "$python" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \

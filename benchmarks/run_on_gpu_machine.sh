@@ -5,6 +5,8 @@
 # copied to $OUT (the device tool brings them back); see benchmarks/README.md.
 # BENCH=guidance runs bench_guidance.py's gpu-sdxl profile instead (ControlNet cost and ESRGAN x4;
 # extra arguments go to it, e.g. --parts esrgan); it needs spandrel among the carried wheels.
+# BENCH=speed runs bench_speed.py's gpu-sdxl profile: diffusers eager and compiled against refgen's speed modes
+# (extra arguments go to it; a 10-minute plan: --sides diffusers-eager refgen-eager refgen-compiled --batches 1 --runs 3).
 set -uo pipefail
 out="${OUT:-/tmp/bench-out}"
 bench="${BENCH:-generate}"
@@ -16,6 +18,13 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
 python3 -c "import torch, diffusers, transformers, pydantic; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'pydantic', pydantic.__version__, torch.cuda.get_device_name())" || exit 1
+if [ "$bench" = speed ]; then
+  python3 benchmarks/bench_speed.py --profile gpu-sdxl --dry-run || exit 1
+  python3 benchmarks/bench_speed.py --profile gpu-sdxl --workdir /tmp/speed "$@" 2>&1 | tee "$out/speed-gpu-sdxl.log"
+  status=${PIPESTATUS[0]}
+  cp benchmarks/results/speed-gpu-sdxl*.json "$out/" 2>/dev/null
+  exit "$status"
+fi
 if [ "$bench" = guidance ]; then
   python3 -c "import spandrel; print('spandrel', spandrel.__version__)" || exit 1
   python3 benchmarks/bench_guidance.py --dry-run || exit 1

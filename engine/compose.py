@@ -5,7 +5,7 @@ Adding a kind of guidance = its file in adapters/ (an Adapter, engine/adapter.py
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from adapters.controlnet import ControlNetLibrary, ControlNets
+from adapters.deep_cache import DeepCache
 from adapters.faces import FaceAnalyzer
 from adapters.identity import CharacterReferences, FaceIDPlusV2, InstantID
 from adapters.inpaint import Inpainting
@@ -23,6 +24,7 @@ from adapters.upscale import Upscaler
 
 from . import paths
 from .adapter import Adapter
+from .speed import Speed
 from .tiny.components import components_dir, components_manifest
 
 
@@ -37,6 +39,7 @@ class Setup:
     allow_pickle: bool = False
     manifest: Any = None
     weights_dir: Optional[Path] = None
+    speed: Speed = field(default_factory=Speed)  # models an adapter loads run like the UNet (compiled ControlNets with a compiled UNet)
 
 
 AdapterFactory = Callable[[Setup], list[Adapter]]
@@ -52,9 +55,9 @@ def default_adapters(setup: Setup, *, ip_adapter: str = "vit-h", controlnets: Op
     sources = {"manifest": setup.manifest, "weights_dir": setup.weights_dir}
     ip = ip_adapters or IPAdapters(setup.pipe, setup.device, setup.dtype, variant=ip_adapter,
                                    allow_pickle=setup.allow_pickle, **sources)
-    library = controlnets or ControlNetLibrary(setup.device, setup.dtype, **sources)
+    library = controlnets or ControlNetLibrary(setup.device, setup.dtype, speed=setup.speed, **sources)
     preprocessors = Preprocessors(setup.weights_dir, device=setup.device, manifest=setup.manifest, allow_pickle=setup.allow_pickle)
-    faces = [InstantID(ip, setup.device, setup.dtype, instantid, **sources),
+    faces = [InstantID(ip, setup.device, setup.dtype, instantid, speed=setup.speed, **sources),
              FaceIDPlusV2(ip, setup.device, setup.dtype, faceid, **sources)]
     return [
         Inpainting(),
@@ -62,14 +65,15 @@ def default_adapters(setup: Setup, *, ip_adapter: str = "vit-h", controlnets: Op
         T2IAdapters(t2i_adapters or T2IAdapterLibrary(setup.device, setup.dtype, **sources), preprocessors),
         CharacterReferences(faces, setup.device, store=store, analyzers=analyzers, **sources),
         StyleContentReferences(ip),
+        DeepCache(setup.speed),  # last: it wraps whichever UNet the adapters before it chose (inpainting)
     ]
 
 
 def defaults(device: torch.device, dtype: torch.dtype, *, ip_adapter: str = "vit-h",
              controlnets: Optional[dict[str, Union[str, Path]]] = None, manifest=None,
-             weights_dir: Optional[Path] = None) -> AdapterFactory:
+             weights_dir: Optional[Path] = None, speed: Optional[Speed] = None) -> AdapterFactory:
     """default_adapters with the user's own ControlNet folders, checked now (before the model loads)."""
-    library = ControlNetLibrary(device, dtype, dict(controlnets or {}), manifest=manifest, weights_dir=weights_dir)
+    library = ControlNetLibrary(device, dtype, dict(controlnets or {}), manifest=manifest, weights_dir=weights_dir, speed=speed)
     return partial(default_adapters, ip_adapter=ip_adapter, controlnets=library)
 
 

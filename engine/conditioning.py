@@ -43,6 +43,7 @@ class Conditioning:
     guidance_scale: float
     guided: bool
     contributions: tuple[Guidance, ...] = ()
+    guidance_cutoff: Optional[float] = None  # guidance stops after step int(steps x cutoff) of a pass (sampling.py)
 
     def at_size(self, width: int, height: int) -> "Conditioning":
         """The same text conditioning for another output size (the quality refine pass)."""

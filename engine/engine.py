@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -31,6 +32,7 @@ from .refine import refine, upscale, upscalers_used
 from .request import GenerationRequest, ResolvedRequest, resolve
 from .sampling import Start, StepCallback, denoise, schedule
 from .schedulers import build_scheduler
+from .speed import Speed, apply_speed, prepare_unet, speed_for
 
 log = logging.getLogger("refgen")
 
@@ -82,12 +84,13 @@ class Engine:
     """One loaded SDXL model. Not thread-safe: use one Engine per worker."""
 
     def __init__(self, pipe, model: ModelInfo, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False, *,
-                 adapters: Optional[Sequence[Adapter]] = None, manifest=None, weights_dir: Optional[Path] = None):
+                 adapters: Optional[Sequence[Adapter]] = None, manifest=None, weights_dir: Optional[Path] = None,
+                 speed: Optional[Speed] = None):
         """`adapters`: every kind of guidance this engine serves (default: engine/compose.py's list).
         `manifest` / `weights_dir`: where components named by reference are looked up (default
-        weights/manifest.toml and the weights folder)."""
-        self.pipe, self.model, self.device, self.dtype = pipe, model, device, dtype
-        setup = compose.Setup(pipe, device, dtype, allow_pickle, manifest, weights_dir)
+        weights/manifest.toml and the weights folder). `speed`: what Engine.load did to the models (apply_speed)."""
+        self.pipe, self.model, self.device, self.dtype, self.speed = pipe, model, device, dtype, speed or Speed()
+        setup = compose.Setup(pipe, device, dtype, allow_pickle, manifest, weights_dir, self.speed)
         self.adapters = tuple(compose.default_adapters(setup) if adapters is None else adapters)
         self.inpaint_unet = None  # a 9-channel SDXL inpainting UNet, see load_inpaint_unet
         self._sources = {"manifest": manifest, "weights_dir": weights_dir}
@@ -99,13 +102,18 @@ class Engine:
 
     @classmethod
     def load(cls, model: str = "sdxl-base", device: Optional[str] = None, dtype: Union[str, torch.dtype, None] = None, *,
-             allow_pickle: bool = False, attention: str = "auto", compile: bool = False, offload: bool = False,
+             allow_pickle: bool = False, attention: str = "auto", speed: Union[str, Speed] = "eager",
+             quantize: Optional[str] = None, offload: bool = False,
              vae_tiling: bool = False, single_file_config: Optional[Path] = None, ip_adapter: str = "vit-h",
              controlnets: Optional[dict[str, Union[str, Path]]] = None,
              adapters: Optional[Callable[[compose.Setup], Sequence[Adapter]]] = None) -> "Engine":
         """Load a model by manifest name, folder, cached repo id, single file or `tiny`.
 
-        attention: auto | sdpa | xformers. compile: torch.compile the UNet (slow first call).
+        attention: auto | sdpa | xformers.
+        speed: eager | compiled | max (engine/speed.py): compiled runs the UNet, VAE decoder and ControlNets through
+        torch.compile (the first request of each size, batch and adapter set compiles, see Engine.warm_up); max
+        adds fused QKV projections. quantize: "int8" (CPU and CUDA) or "fp8" (CUDA, Ada/Hopper) Linear layers in the
+        UNet through torchao (`pip install 'refgen[fast]'`; changes the image slightly, see engine/quantize.py).
         offload: keep weights on the CPU and move each model to the GPU only while it runs (small GPUs).
         vae_tiling: VAE in tiles and one image at a time (large images or batches on small GPUs).
         ip_adapter: the IP-Adapter for Style/Content Reference: "vit-h" or "plus" (stronger likeness).
@@ -120,8 +128,9 @@ class Engine:
         if adapters is not None and (controlnets or ip_adapter != "vit-h"):
             raise ValueError("controlnets= and ip_adapter= configure the default adapters: with adapters=, configure yours")
         device, dtype = pick_device(device, dtype)
+        plan = speed_for(speed, device, offload, quantize)
         sources = compose.component_sources(str(model))
-        build = adapters or compose.defaults(device, dtype, ip_adapter=ip_adapter, controlnets=controlnets, **sources)
+        build = adapters or compose.defaults(device, dtype, ip_adapter=ip_adapter, controlnets=controlnets, speed=plan, **sources)
         pipe, info = load_pipeline(str(model), dtype, allow_pickle, single_file_config)
         safe_vae, vae_name = fp16_safe_vae(dtype) if info.kind != "tiny" else (None, None)
         if safe_vae is not None:
@@ -135,16 +144,16 @@ class Engine:
         if vae_tiling:  # large images / small GPUs: tiles, and one image of the batch at a time
             pipe.vae.enable_tiling()
             pipe.vae.enable_slicing()
-        if compile:
-            pipe.unet.compile(mode="max-autotune-no-cudagraphs")
+        vae_ops.keep_in_work_dtype(pipe.vae)
+        apply_speed(pipe, plan)
         pipe.set_progress_bar_config(disable=True)
-        setup = compose.Setup(pipe, device, dtype, allow_pickle, **sources)
-        return cls(pipe, info, device, dtype, allow_pickle, adapters=build(setup), **sources)
+        setup = compose.Setup(pipe, device, dtype, allow_pickle, speed=plan, **sources)
+        return cls(pipe, info, device, dtype, allow_pickle, adapters=build(setup), speed=plan, **sources)
 
     def load_inpaint_unet(self, reference: Union[str, Path]) -> None:
         """Use an SDXL inpainting UNet (9 input channels) for masked requests: a manifest name
         (`sdxl-inpainting`), a diffusers model folder with unet/, or a UNet folder."""
-        self.inpaint_unet = load_inpaint_unet(reference, self.device, self.dtype, **self._sources)
+        self.inpaint_unet = prepare_unet(load_inpaint_unet(reference, self.device, self.dtype, **self._sources), self.speed)
 
     def adapter(self, kind: type):
         """The first of this engine's adapters of this class (tests and tools look inside one)."""
@@ -186,7 +195,20 @@ class Engine:
 
     # -- the path of one request -------------------------------------------------------------
 
+    def warm_up(self, *requests: GenerationRequest) -> float:
+        """Run these requests once and drop the images, so that a compiled engine has its graphs for their sizes,
+        batches and adapter sets before the first real request (a no-op in cost on an eager engine beyond the
+        generation itself). Returns the seconds it took."""
+        started = time.perf_counter()
+        for request in requests:
+            self.generate(request)
+        return time.perf_counter() - started
+
     def _run(self, job: _Job) -> GenerationResult:
+        with self.speed.compiling():
+            return self._run_job(job)
+
+    def _run_job(self, job: _Job) -> GenerationResult:
         resolved = job.resolved
         batch, guided = len(resolved.seeds), is_guided(self.pipe.unet, resolved.guidance_scale)
         frame = Frame(resolved.width, resolved.height, batch, guided)
@@ -195,7 +217,7 @@ class Engine:
         with patched(job.prepared, frame, (self._loras, LoraPatch(tuple(resolved.loras)))) as model_guidance:
             cond = encode_text(self.pipe, resolved.prompt, resolved.negative_prompt, batch, resolved.width,
                                resolved.height, resolved.guidance_scale, self.device)
-            cond = replace(cond, contributions=model_guidance)  # any size
+            cond = replace(cond, contributions=model_guidance, guidance_cutoff=resolved.guidance_cutoff)  # any size
             init = None if job.init_image is None else vae_ops.pil_to_tensor([vae_ops.cover(job.init_image, frame.width, frame.height)])
             latents = self._pass(job, cond, frame, generators, init, resolved.denoise, "base")
             pixels = vae_ops.decode(self.pipe.vae, latents)
@@ -210,7 +232,7 @@ class Engine:
             request=job.request, resolved=resolved.model_dump(mode="json"), size=(pixels.shape[2], pixels.shape[1]),
             model={**model_record(self.model), "upscalers": {ref: self._upscalers[ref].info.sha256 for ref in upscalers_used(resolved)}},
             loras=loras, init_image=job.init_info, scheduler=scheduler_record(resolved.scheduler, self.pipe.scheduler.config),
-            device=device_record(self.device, self.dtype), versions=package_versions(),
+            device=device_record(self.device, self.dtype, self.speed.name, self.speed.quantize), versions=package_versions(),
         )
         # Each image gets its own copy, so editing one image's metadata never changes another's.
         metadata = [build_metadata(index=index, **copy.deepcopy(shared)) for index in range(batch)]

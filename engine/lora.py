@@ -12,7 +12,7 @@ file's, and whatever a failed load left behind is deleted.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -22,6 +22,7 @@ from .hashing import cached_sha256
 from .loading import check_pickle, state_dict_keys
 from .provenance import package_versions
 from .request import LoraSpec
+from .speed import unfused_attention
 
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -84,11 +85,14 @@ class LoraSet:
     def applied(self, patches: list[LoraPatch]) -> Iterator[tuple]:
         """Exactly these LoRAs on for the `with` block, all off after it (the weights stay loaded)."""
         keep = {name: weight for patch in patches for name, weight in patch.keep.items()}
-        self.activate([spec for patch in patches for spec in patch.specs], keep)
-        try:
-            yield ()
-        finally:
-            self._deactivate()
+        specs = [spec for patch in patches for spec in patch.specs]
+        # LoRA layers wrap to_q/to_k/to_v: fused projections (speed="max") would run without them.
+        with unfused_attention(self._pipe.unet) if specs or keep else nullcontext():
+            self.activate(specs, keep)
+            try:
+                yield ()
+            finally:
+                self._deactivate()
 
     def _deactivate(self) -> None:
         if self._active:

@@ -201,11 +201,13 @@ def scheduler_record(name: str, base_config) -> dict:
     return {"name": name, "class": spec.class_name, "options": spec.options, "base_config": jsonable(dict(base_config))}
 
 
-def device_record(device, dtype) -> dict:
+def device_record(device, dtype, speed: str = "eager", quantize: Optional[str] = None) -> dict:
+    """Where and how the pixels were computed: replay matches bit for bit on the same device, dtype, speed mode
+    (compiled kernels round differently from eager ones) and quantization."""
     import torch
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"type": device.type, "name": name, "dtype": str(dtype).removeprefix("torch.")}
+    return {"type": device.type, "name": name, "dtype": str(dtype).removeprefix("torch."), "speed": speed, "quantize": quantize}
 
 
 def jsonable(value):

@@ -126,8 +126,9 @@ def step_noise(scheduler, generators: list[torch.Generator], latents: torch.Tens
     return torch.stack(draws).to(latents.device)
 
 
-def predict_noise(unet, latents, timestep, cond: Conditioning, scheduler, step: int, total: int) -> torch.Tensor:
-    """One guided UNet evaluation: both CFG halves in one batched call, plus adapter inputs."""
+def predict_noise(unet, latents, timestep, cond: Conditioning, scheduler, step: int, total: int, guide: bool = True) -> torch.Tensor:
+    """One guided UNet evaluation: both CFG halves in one batched call, plus adapter inputs. With `guide` False
+    (past the guidance cutoff) the UNet runs on the conditional half alone."""
     latent_input = torch.cat([latents] * 2) if cond.guided else latents
     latent_input = scheduler.scale_model_input(latent_input, timestep)
     kwargs = {
@@ -138,11 +139,35 @@ def predict_noise(unet, latents, timestep, cond: Conditioning, scheduler, step: 
         _merge(kwargs, contribution.unet_kwargs(latent_input, timestep, step, total, cond))
     for contribution in cond.contributions:
         latent_input = contribution.unet_input(latent_input)
+    if cond.guided and not guide:
+        return unet(*conditional_half((latent_input, timestep), len(latents)), return_dict=False,
+                    **conditional_half(kwargs, len(latents)))[0]
     noise = unet(latent_input, timestep, return_dict=False, **kwargs)[0]
     if not cond.guided:
         return noise
     unconditional, conditional = noise.chunk(2)
     return unconditional + cond.guidance_scale * (conditional - unconditional)
+
+
+def last_guided_step(total: int, cutoff: Optional[float]) -> int:
+    """The last step (0-based) that runs guidance: int(total x cutoff) as diffusers' SDXLCFGCutoffCallback
+    counts it, in decimal (as steps_to_run); every step without a cutoff."""
+    if cutoff is None:
+        return total - 1
+    return int(Decimal(repr(cutoff)) * total)
+
+
+def conditional_half(value, batch: int):
+    """The conditional rows of every (2 x batch)-row tensor in a nested value; the rest as it is. Each image's
+    rows are computed independently (ControlNet residuals, IP-Adapter embeddings), so the conditional half of a
+    guided input is what an unguided call takes."""
+    if isinstance(value, torch.Tensor):
+        return value[batch:] if value.dim() > 0 and value.shape[0] == 2 * batch else value
+    if isinstance(value, dict):
+        return {key: conditional_half(item, batch) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(conditional_half(item, batch) for item in value)
+    return value
 
 
 def _merge(kwargs: dict, extra: dict) -> None:
@@ -177,9 +202,13 @@ def denoise(
     host = timesteps.tolist()
     total = len(host)
     extra = step_kwargs(scheduler, generators, latents, total)
+    last_guided = last_guided_step(total, cond.guidance_cutoff)
+    # The models take float timesteps whatever the scheduler keeps (DDIM/PNDM: int64): one compiled graph serves
+    # every scheduler, and the time embedding is the same (it converts them to float first).
+    model_timesteps = timesteps.to(torch.float32)
     with torch.inference_mode():
-        for step, timestep in enumerate(timesteps):
-            noise = predict_noise(unet, latents, timestep, cond, scheduler, step, total)
+        for step, timestep in enumerate(model_timesteps):
+            noise = predict_noise(unet, latents, timestep, cond, scheduler, step, total, guide=step <= last_guided)
             latents = scheduler.step(noise, host[step], latents, return_dict=False, **extra[step])[0]
             for contribution in cond.contributions:
                 latents = contribution.after_step(latents, step, timesteps, scheduler)

@@ -1,7 +1,8 @@
 """VAE encode/decode with the fp16 safety net.
 
-SDXL's original VAE overflows in fp16 (its config says force_upcast): it is run in fp32 for
-the call. A decode that still yields NaN/inf is retried once in fp32 before it is reported.
+SDXL's original VAE overflows in fp16 (its config says force_upcast): the engine keeps it in fp32
+(keep_in_work_dtype); the fp16-fix VAE and bf16 decode in half precision. A half-precision decode that
+yields NaN/inf is retried once in fp32 before it is reported.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ def pixels_to_pil(pixels: np.ndarray) -> list[Image.Image]:
 
 def _needs_upcast(vae) -> bool:
     return vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+
+
+def keep_in_work_dtype(vae) -> None:
+    """A VAE that overflows in fp16 (SDXL's original: force_upcast) is kept in fp32 once, at load, rather than
+    cast there and back on every call; the fp16-fix VAE and bf16 stay in half precision."""
+    if _needs_upcast(vae):
+        vae.to(dtype=torch.float32)
 
 
 def _run_in(vae, dtype, fn):
@@ -68,16 +76,20 @@ def encode(vae, pixels: torch.Tensor, generators: list[torch.Generator], device,
 
 
 def decode(vae, latents: torch.Tensor) -> np.ndarray:
-    """Scaled latents -> (B, H, W, 3) float32 pixels in [0, 1]. Raises NonFiniteOutputError."""
-    if not torch.isfinite(latents).all():
+    """Scaled latents -> (B, H, W, 3) float32 pixels in [0, 1]. Raises NonFiniteOutputError.
+
+    The VAE runs in the dtype it is kept in (keep_in_work_dtype): no weight casts per call. Whether the latents
+    and the pixels are finite is read in one host read, after the decode."""
+    images = _decode(vae, latents, vae.dtype)
+    latents_finite, images_finite = torch.stack([torch.isfinite(latents).all(), torch.isfinite(images).all()]).tolist()
+    if not latents_finite:
         raise NonFiniteOutputError(
             "the sampler produced NaN/inf latents; try dtype=bfloat16 or float32, fewer LoRAs, or another scheduler"
         )
-    work_dtype = torch.float32 if _needs_upcast(vae) else vae.dtype
-    images = _run_in(vae, work_dtype, lambda: _decode(vae, latents, work_dtype))
-    if not torch.isfinite(images).all() and work_dtype != torch.float32:
+    if not images_finite and vae.dtype != torch.float32:  # a half-precision VAE overflowed: once more in fp32
         images = _run_in(vae, torch.float32, lambda: _decode(vae, latents, torch.float32))
-    if not torch.isfinite(images).all():
+        images_finite = bool(torch.isfinite(images).all())
+    if not images_finite:
         raise NonFiniteOutputError("the VAE produced NaN/inf pixels even in float32")
     pixels = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
     black = [index for index, frame in enumerate(pixels) if frame.max() < 1.0 / 255]

@@ -175,3 +175,14 @@ def test_a_tiny_generate_prints_no_third_party_progress_or_logs(refgen_home, tmp
     assert "it/s]" not in everything  # no tqdm bar of any library
     assert str(next(tmp_path.glob("*.png"))) in result.stdout
     assert diffusers_logging.is_progress_bar_enabled() == bars_before  # silenced for the run only
+
+
+@pytest.mark.parametrize("command, option, expected", [
+    ("generate", ["--speed", "fast"], "--speed"),
+    ("serve", ["--speed", "fast"], "--speed"),
+    ("serve", ["--warm-up", "1024"], "--warm-up"),
+])
+def test_speed_options_are_checked_before_anything_loads_or_listens(refgen_home, tmp_path, command, option, expected):
+    arguments = ["generate", "x", *TINY, "--out", str(tmp_path)] if command == "generate" else ["serve", "--model", "tiny"]
+    result = runner.invoke(app, [*arguments, *option])
+    assert result.exit_code != 0 and expected in result.output and "Traceback" not in result.output

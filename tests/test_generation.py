@@ -48,7 +48,7 @@ def test_every_png_carries_replayable_provenance(engine, tmp_path):
     assert meta["request"]["preset"] == "cinematic" and meta["request"]["prompt"] == "a red fox in snow"
     assert meta["resolved"]["prompt"].startswith("cinematic film still of a red fox in snow")
     assert meta["scheduler"]["class"] == "EulerAncestralDiscreteScheduler"
-    assert meta["device"] == {"type": "cpu", "name": "cpu", "dtype": "float32"}
+    assert meta["device"] == {"type": "cpu", "name": "cpu", "dtype": "float32", "speed": "eager", "quantize": None}
     assert all(len(digest) == 64 for digest in meta["model"]["hashes"].values())
     assert {"torch", "diffusers", "transformers", "refgen"} <= set(meta["versions"])
     parameters = Image.open(paths[1]).text["parameters"]

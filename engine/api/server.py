@@ -50,7 +50,7 @@ import math
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
@@ -497,7 +497,8 @@ def _is_loopback(host: str) -> bool:
 
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key: Optional[str] = None, model: Optional[str] = None,
           device: Optional[str] = None, dtype: Optional[str] = None, *, upscaler: Optional[str] = None,
-          max_queue: int = 64, store: Optional[AssetStore] = None, log_level: str = "info") -> None:
+          max_queue: int = 64, store: Optional[AssetStore] = None, log_level: str = "info", speed: str = "auto",
+          warm_up: Sequence[tuple[int, int]] = ()) -> None:
     """Run the API until interrupted: store + engine runner + worker thread + uvicorn; Ctrl-C stops all."""
     import uvicorn
 
@@ -507,7 +508,7 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key: Optional[s
 
         pick_device(device, dtype)
     app, worker = service(store or AssetStore(), api_key=api_key, model=model, device=device, dtype=dtype,
-                          upscaler=upscaler, max_queue=max_queue)
+                          upscaler=upscaler, max_queue=max_queue, speed=speed, warm_up=warm_up)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     worker.start()
     log.info("refgen API on http://%s:%d%s (docs: /docs)", host, port, PREFIX)
@@ -519,11 +520,14 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key: Optional[s
 
 def service(store: AssetStore, *, api_key: Optional[str] = None, model: Optional[str] = None, device: Optional[str] = None,
             dtype: Optional[str] = None, upscaler: Optional[str] = None, max_queue: int = 64,
-            load_engine: Optional[Callable[[str], Any]] = None) -> tuple[FastAPI, Any]:
+            load_engine: Optional[Callable[[str], Any]] = None, speed: str = "auto",
+            warm_up: Sequence[tuple[int, int]] = ()) -> tuple[FastAPI, Any]:
     """What `refgen serve` runs, not yet started: (app, worker) over `store`. `model` is the server's model:
     requests without a modelId and Leonardo's platform model ids (e.g. the SDKs' default) run on it.
     `upscaler`: the ESRGAN model of upscale variations; default realesrgan-x4plus, or the tiny model's random
     Real-ESRGAN when `model` is tiny (an offline server stays offline).
+    `speed`: Engine.load's (auto: compiled on a GPU); `warm_up`: (width, height) sizes each engine generates once
+    when it loads, so that a compiled engine has their graphs before the first job.
     `load_engine(name)` replaces Engine.load(name, device, dtype) (tests add models that are not on disk)."""
     import dataclasses
 
@@ -534,15 +538,21 @@ def service(store: AssetStore, *, api_key: Optional[str] = None, model: Optional
     models = ModelTable.load()
     if model:
         models = dataclasses.replace(models, default=model)
-    runner = EngineRunner(store, load_engine=load_engine or _engine_loader(device, dtype), models=models, upscaler=upscaler)
+    runner = EngineRunner(store, load_engine=load_engine or _engine_loader(device, dtype, speed, warm_up), models=models, upscaler=upscaler)
     worker = Worker(store, runner)
     return create_app(store, worker, api_key=api_key, max_queue=max_queue, models=models), worker
 
 
-def _engine_loader(device: Optional[str], dtype: Optional[str]):
+def _engine_loader(device: Optional[str], dtype: Optional[str], speed: str = "auto", warm_up: Sequence[tuple[int, int]] = ()):
     def load_engine(name: str):
         from ..engine import Engine
+        from ..request import GenerationRequest
 
-        return Engine.load(name, device, dtype)
+        engine = Engine.load(name, device, dtype, speed=speed)
+        if warm_up:
+            seconds = engine.warm_up(*(GenerationRequest(prompt="warm-up", width=width, height=height, steps=2)
+                                       for width, height in warm_up))
+            log.info("%s warmed up for %s in %.1f s", name, ", ".join(f"{w}x{h}" for w, h in warm_up), seconds)
+        return engine
 
     return load_engine

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from .character import character_app
 from .error_lines import refgen_errors
-from .serve import serve
+from .serve import SpeedChoice, serve
 from .sheet import sheet
 from .upscale import upscale
 from .weights import weights_app
@@ -38,7 +38,7 @@ OutOption = Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNG
 # Request field -> the option a user types, so validation errors name the flag (see error_lines.py).
 GENERATE_FLAGS = MappingProxyType({
     "prompt": "PROMPT", "negative_prompt": "--negative", "aspect_ratio": "--aspect", "width": "--width",
-    "height": "--height", "num_images": "--n", "seed": "--seed", "steps": "--steps", "guidance_scale": "--guidance",
+    "height": "--height", "num_images": "--n", "seed": "--seed", "steps": "--steps", "guidance_scale": "--guidance", "guidance_cutoff": "--guidance-cutoff", "deep_cache": "--deep-cache",
     "scheduler": "--scheduler", "mode": "--mode", "preset": "--preset", "init_image": "--init",
     "init_strength": "--init-strength", "mask_image": "--mask", "mask_feather": "--feather", "loras": "--lora",
     "controlnets": "--control", "t2i_adapters": "--adapter", "references": "--style/--content",
@@ -82,13 +82,13 @@ def _quiet_libraries() -> Iterator[None]:
                 lib.enable_progress_bar()
 
 
-def _load_engine(model: str, device, dtype, allow_pickle=False, offload=False, compile=False, vae_tiling=False, attention="auto",
-                 controlnets: Optional[dict[str, str]] = None):
+def _load_engine(model: str, device, dtype, allow_pickle=False, offload=False, speed="eager", vae_tiling=False, attention="auto",
+                 controlnets: Optional[dict[str, str]] = None, quantize: Optional[str] = None):
     from .. import Engine
 
     console = Console(stderr=True)
     with console.status(f"loading {model} ..."):
-        return Engine.load(model, device, dtype, allow_pickle=allow_pickle, offload=offload, compile=compile,
+        return Engine.load(model, device, dtype, allow_pickle=allow_pickle, offload=offload, speed=speed, quantize=quantize,
                            vae_tiling=vae_tiling, attention=attention, controlnets=controlnets)
 
 
@@ -137,6 +137,8 @@ def generate(
     seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Seed (random when omitted; always recorded).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Sampling steps 1-150 (default: the preset's, else the mode's: fast 20, quality 40, ultra 30).")] = None,
     guidance: Annotated[Optional[float], typer.Option("--guidance", "-g", help="CFG scale 1-20 (default: the preset's, else 7).")] = None,
+    deep_cache: Annotated[Optional[int], typer.Option("--deep-cache", help="Less work: run the whole UNet every N-th step (2-10) and reuse its deep features in between (DeepCache). Changes the image.")] = None,
+    guidance_cutoff: Annotated[Optional[float], typer.Option("--guidance-cutoff", help="Less work: guidance stops after this fraction of the steps (0-1); later steps cost half. Changes the image.")] = None,
     scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="e.g. dpmpp_2m_karras (default), euler_a, EULER_DISCRETE.")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="fast (default); quality (more steps + x1.5 refine pass); ultra (ESRGAN x2 + tiled refine).")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="See `refgen presets list`.")] = None,
@@ -165,7 +167,8 @@ def generate(
     dtype: DtypeOption = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle checkpoints (.ckpt/.bin): trusted files only.")] = False,
     offload: Annotated[bool, typer.Option("--offload", help="Model CPU offload for small GPUs.")] = False,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (slow first image).")] = False,
+    speed: Annotated[SpeedChoice, typer.Option("--speed", help="eager, compiled or max: compiled runs the models through torch.compile (the first image of each size compiles; later processes reuse the cache), max adds fused QKV. auto: compiled on a GPU.")] = SpeedChoice.eager,
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8 (CPU and CUDA) or fp8 (CUDA Ada/Hopper) UNet Linear layers through torchao (pip install 'refgen[fast]'); changes the image slightly.")] = None,
     vae_tiling: Annotated[bool, typer.Option("--vae-tiling", help="Tiled VAE for large images on small GPUs.")] = False,
 ) -> None:
     """Generate images and write them as PNGs with replayable provenance.
@@ -182,7 +185,7 @@ def generate(
     with refgen_errors(GENERATE_FLAGS, tiny_model=model != "tiny"):  # never offer what was given
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative, aspect_ratio=aspect, width=width, height=height,
-            num_images=count, seed=seed, steps=steps, guidance_scale=guidance, scheduler=scheduler, mode=mode,
+            num_images=count, seed=seed, steps=steps, guidance_scale=guidance, guidance_cutoff=guidance_cutoff, deep_cache=deep_cache, scheduler=scheduler, mode=mode,
             preset=preset, init_image=init, init_strength=init_strength, loras=lora or [],
             controlnets=[_control_unit(text) for text in control or []], mask_image=mask, mask_feather=feather,
             t2i_adapters=[_control_unit(text) for text in adapter or []],
@@ -191,8 +194,8 @@ def generate(
             character=_character(character, character_strength, character_adapter, pose, face_index), best_of=best_of,
         )
         _check_inputs(request, allow_pickle)
-        engine = _load_engine(model, device, dtype, allow_pickle, offload, compile, vae_tiling,
-                              controlnets=_controlnet_models(controlnet_model))
+        engine = _load_engine(model, device, dtype, allow_pickle, offload, speed.value, vae_tiling,
+                              controlnets=_controlnet_models(controlnet_model), quantize=quantize)
         if inpaint_unet:
             engine.load_inpaint_unet(inpaint_unet)
         _generate_and_save(engine, request, out)
@@ -358,7 +361,8 @@ def replay(
         if init is not None:
             load_rgb(init, "init image (--init)")  # before the model loads
         recorded = meta["device"]
-        engine = _load_engine(model or meta["model"]["reference"], device or None, dtype or recorded["dtype"])
+        engine = _load_engine(model or meta["model"]["reference"], device or None, dtype or recorded["dtype"],
+                              speed=recorded.get("speed", "eager"), quantize=recorded.get("quantize"))
         result = engine.replay(image, init_image=init)
         (path,) = result.save(out, stem=f"replay-{image.stem}")
         with Image.open(image) as original:

@@ -8,9 +8,23 @@ from __future__ import annotations
 
 from typing import Annotated, Optional
 
+from enum import Enum
+
 import typer
 
 from .error_lines import refgen_errors
+
+
+class SpeedChoice(str, Enum):
+    """engine.speed's modes, named here so that parsing the command line does not import torch (a test checks they match)."""
+
+    auto = "auto"
+    eager = "eager"
+    compiled = "compiled"
+    max = "max"
+
+    def __str__(self) -> str:  # as typed and as --help shows it
+        return self.value
 
 
 def serve(
@@ -23,6 +37,8 @@ def serve(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU).")] = None,
     upscaler: Annotated[Optional[str], typer.Option("--upscaler", show_default=False, help="ESRGAN model for POST /variations/upscale [default: realesrgan-x4plus; with --model tiny, tiny (random Real-ESRGAN x4, offline)].")] = None,
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Queued jobs before POST answers 429.")] = 64,
+    speed: Annotated[SpeedChoice, typer.Option("--speed", help="auto, eager, compiled or max (auto: compiled on a GPU). Compiled engines compile once per image size and batch; the compiled kernels are cached on disk for the next start.")] = SpeedChoice.auto,
+    warm_up: Annotated[Optional[list[str]], typer.Option("--warm-up", metavar="WxH", help="Generate once at this size when a model loads, so the first job of that size does not wait for compilation (repeatable).")] = None,
 ) -> None:
     """Serve Leonardo's REST API (/api/rest/v1/...) from this machine; OpenAPI docs at /docs.
 
@@ -31,8 +47,18 @@ def serve(
       refgen serve                                  # http://127.0.0.1:8377, loopback only
       refgen serve --host 0.0.0.0 --api-key "$(openssl rand -hex 16)"
       refgen serve --model tiny --port 9000         # offline smoke server
+      refgen serve --speed compiled --warm-up 1024x1024 --warm-up 1344x768
     """
     from ..api.server import serve as run_server
 
     with refgen_errors(tiny_model=True):
-        run_server(host, port, api_key or None, model, device, dtype, upscaler=upscaler, max_queue=max_queue)
+        run_server(host, port, api_key or None, model, device, dtype, upscaler=upscaler, max_queue=max_queue,
+                   speed=speed.value, warm_up=[_size(text) for text in warm_up or []])
+
+
+def _size(text: str) -> tuple[int, int]:
+    """'1024x768' -> (1024, 768)."""
+    width, _, height = text.lower().partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        raise typer.BadParameter(f"{text!r} is not a size like 1024x1024", param_hint="--warm-up")
+    return int(width), int(height)
