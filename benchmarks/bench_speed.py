@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import shutil
 import json
 import os
 import statistics
@@ -28,7 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -55,6 +57,11 @@ PROFILES = {
     # The anchors' setting: SDXL 1024^2, 30 steps, CFG (TESTBED.md: diffusers eager ~2.50 s, TensorRT ~1.47 s on an H100).
     "gpu-sdxl": SpeedProfile("gpu-sdxl", "sdxl-random", "cuda", "bf16", 1024, 1024, 30, (1, 4, 8), runs=5),
 }
+LEGEND = ("s/image and it/s: this side's median run (on a shared machine they drift between sides: compare the "
+          "paired column). Peak mem: CUDA max_memory_allocated above what was resident before the side loaded (the "
+          "kept baseline); CPU: resident-memory growth during a call (the weights are memory-mapped). Max pixel diff: "
+          "against the first side, same seeds. (x s): the first call in the benchmark's own process (for a later "
+          "batch, that shape's compile).")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -78,6 +85,105 @@ def save_model(profile: SpeedProfile, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def save_controlnet(folder: Path, seed: int = 10) -> Path:
+    """A ControlNet of the saved model's UNet (SDXL ControlNet layout, its zero-convs randomised so that it does
+    the work of a trained one), saved beside it: every side of `--case controlnet` loads this."""
+    target = folder.parent / "controlnet"
+    if not (target / "config.json").exists():
+        from diffusers import UNet2DConditionModel
+
+        from bench_guidance import full_size_controlnet
+
+        unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", local_files_only=True)
+        full_size_controlnet(unet, "cpu", unet.dtype, seed).save_pretrained(str(target), safe_serialization=True)
+        del unet
+        gc.collect()
+    return target
+
+
+def save_references(folder: Path) -> dict:
+    """Style (IP-Adapter) and Character Reference (InstantID: face adapter + IdentityNet, insightface packs) weights
+    for the saved model's UNet, written by the tests' builders in the published layouts (bench_references.py): the
+    parts that run in every step (IP-Adapter key/value projections in each cross-attention, IdentityNet, a ControlNet
+    of the UNet) are the UNet's size; the image and face encoders, which run once per request, are tiny."""
+    root = folder.parent / "references"
+    index = root / "weights.json"
+    if not index.exists():
+        from diffusers import UNet2DConditionModel
+
+        from bench_references import _tests_module, build_character_weights
+
+        unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", local_files_only=True)
+        ip_root = _tests_module("tiny_ip_adapter").save_tiny_ip_adapter(unet, root / "IP-Adapter")
+        weights = build_character_weights(unet, root / "character", ip_root)
+        index.write_text(json.dumps({key: str(value) for key, value in weights.items()}))
+        del unet
+        gc.collect()
+    return {key: Path(value) for key, value in json.loads(index.read_text()).items()}
+
+
+def reference_adapters(weights: dict, device: torch.device):
+    """The engine's adapters with those weights (as tests/test_character_reference.py equips an engine)."""
+    from adapters.ip_adapter import IPAdapters
+    from bench_references import load_analyzers
+    from engine.compose import default_adapters
+
+    analyzers = load_analyzers(weights["packs"], device)
+    return lambda setup: default_adapters(setup, ip_adapters=IPAdapters(setup.pipe, setup.device, setup.dtype, reference=weights["ip"]),
+                                          analyzers=analyzers, instantid=weights["instantid"], faceid=weights["faceid"])
+
+
+def reference_fields() -> dict:
+    """A style reference and an InstantID character (the tiny face packs find the same face in any picture)."""
+    from PIL import Image
+
+    from engine.request_types import CharacterReference, Reference
+
+    def picture(seed: int):
+        return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (512, 512, 3), np.uint8))
+
+    return {"references": [Reference(kind="style", image=picture(101))],
+            "character": CharacterReference(images=[picture(103)], adapter="instantid")}
+
+
+def control_image(profile):
+    from bench_guidance import control_images
+
+    return control_images(profile.width, profile.height, seed=1)[0]
+
+
+CASES = {"plain": "", "controlnet": "1 ControlNet (canny, weight 1)",
+         "references": "1 style reference + an InstantID character (refgen only: diffusers has no InstantID pipeline)",
+         "esrgan": "Real-ESRGAN x4 (RRDBNet nf64 nb23, random) of the profile's image size, untiled (refgen only)"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """What every side runs besides the plain model: a ControlNet unit, style + character references, or ESRGAN."""
+
+    name: str = "plain"
+    controlnet: Optional[Path] = None
+    references: Optional[dict] = None
+
+    @classmethod
+    def prepare(cls, name: str, folder: Path) -> "Case":
+        if name == "controlnet":
+            return cls(name, controlnet=save_controlnet(folder))
+        if name == "references":
+            return cls(name, references=save_references(folder))
+        return cls(name)
+
+    def request_fields(self, profile) -> dict:
+        if self.controlnet is not None:
+            from engine.request_types import ControlUnit
+
+            return {"controlnets": [ControlUnit(type="canny", image=control_image(profile), preprocess=False)]}
+        return reference_fields() if self.references is not None else {}
+
+    def pipeline_arguments(self, profile) -> dict:
+        return {} if self.controlnet is None else {"image": control_image(profile), "controlnet_conditioning_scale": 1.0}
+
+
 # -- the sides ------------------------------------------------------------------------------------------
 
 
@@ -95,42 +201,80 @@ def diffusers_recipe(pipe, device: torch.device, autotune: bool = True) -> None:
     pipe.vae.to(memory_format=torch.channels_last)
     pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True)
+    if getattr(pipe, "controlnet", None) is not None:
+        pipe.controlnet.to(memory_format=torch.channels_last)
+        pipe.controlnet = torch.compile(pipe.controlnet, mode=mode, fullgraph=True)
 
 
-def load_side(side: str, folder: Path, device: torch.device, dtype: torch.dtype, autotune: bool = True):
-    """The loaded pipeline or Engine. autotune False: CUDA compiles without max-autotune (minutes less, a little slower)."""
+def load_side(side: str, folder: Path, device: torch.device, dtype: torch.dtype, autotune: bool = True, case: Case = Case()):
+    """The loaded pipeline, Engine or (esrgan) upscaler. autotune False: CUDA compiles without max-autotune (minutes
+    less, a little slower)."""
     if side.startswith("diffusers"):
-        from diffusers import StableDiffusionXLPipeline
+        import diffusers
 
-        pipe = StableDiffusionXLPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True).to(device)
+        extra = {}
+        if case.controlnet is not None:
+            extra["controlnet"] = diffusers.ControlNetModel.from_pretrained(str(case.controlnet), dtype=dtype, local_files_only=True)
+        kind = diffusers.StableDiffusionXLControlNetPipeline if extra else diffusers.StableDiffusionXLPipeline
+        pipe = kind.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **extra).to(device)
         pipe.set_progress_bar_config(disable=True)
         pipe.watermark = None
         if side == "diffusers-compiled":
             diffusers_recipe(pipe, device, autotune)
         return pipe
     from engine import Engine
-    from engine.speed import speed_for
+    from engine.speed import prepare_module, speed_for
 
     mode, _, quantize = side.removeprefix("refgen-").partition("-")
     speed = speed_for(mode, device, quantize=quantize or None)
     if not autotune:
         speed = replace(speed, options={key: value for key, value in speed.options.items() if key != "max_autotune"})
-    return Engine.load(str(folder), device=str(device), dtype=dtype, speed=speed)
+    if case.name == "esrgan":  # what engine.compose.upscaler_loader does with a loaded upscaler
+        upscaler = random_realesrgan(device, dtype)
+        prepare_module(upscaler.descriptor.model, speed)
+        return upscaler
+    if case.references is not None:
+        return Engine.load(str(folder), device=str(device), dtype=dtype, speed=speed, adapters=reference_adapters(case.references, device))
+    controlnets = None if case.controlnet is None else {"canny": str(case.controlnet)}
+    return Engine.load(str(folder), device=str(device), dtype=dtype, speed=speed, controlnets=controlnets)
 
 
-def caller(side: str, loaded, profile: SpeedProfile, batch: int, seed: int) -> Callable[[], np.ndarray]:
+def random_realesrgan(device, dtype):
+    """Real-ESRGAN x4plus's architecture with random weights, in its published key layout (tests/esrgan_layouts.py)."""
+    from adapters.upscale import Upscaler
+    from bench_references import _tests_module
+
+    state = _tests_module("esrgan_layouts").realesrgan_state_dict(4, nf=64, nb=23, seed=0)
+    return Upscaler.from_state_dict(state, device=device, dtype=dtype, name="random RRDBNet x4 nf64 nb23")
+
+
+def caller(side: str, loaded, profile, batch: int, seed: int, case: Case = Case()) -> Callable[[], np.ndarray]:
+    if case.name == "esrgan":
+        pixels = np.random.default_rng(seed).random((profile.height, profile.width, 3), dtype=np.float32)
+        return lambda: loaded.upscale_pixels(pixels[None].repeat(batch, 0), tile=None)
     if side.startswith("diffusers"):
+        extra = case.pipeline_arguments(profile)
+
         def call():
             generators = [torch.Generator("cpu").manual_seed(seed + index) for index in range(batch)]
             return np.asarray(loaded(prompt=PROMPT, width=profile.width, height=profile.height, num_images_per_prompt=batch,
                                      num_inference_steps=profile.steps, guidance_scale=profile.guidance,
-                                     generator=generators, output_type="np").images)
+                                     generator=generators, output_type="np", **extra).images)
         return call
     from engine import GenerationRequest
 
     request = GenerationRequest(prompt=PROMPT, width=profile.width, height=profile.height, num_images=batch, seed=seed,
-                                steps=profile.steps, guidance_scale=profile.guidance, scheduler="euler", mode="fast")
+                                steps=profile.steps, guidance_scale=profile.guidance, scheduler="euler", mode="fast",
+                                **case.request_fields(profile))
     return lambda: loaded.generate(request).pixels
+
+
+def nvidia_driver() -> Optional[str]:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=20).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def device_total_bytes(device: torch.device) -> Optional[int]:
@@ -146,29 +290,39 @@ def device_total_bytes(device: torch.device) -> Optional[int]:
     return used[0] * 2**20 if used else None
 
 
-def measure_side(side: str, folder: Path, profile: SpeedProfile, device, dtype, seed: int, log, autotune: bool = True) -> dict:
+def measure_side(side: str, folder: Path, profile: SpeedProfile, device, dtype, seed: int, log, autotune: bool = True,
+                 case: Case = Case(), loaded=None, paired: Optional[dict] = None) -> dict:
+    """One side's load, first call and timed runs per batch. `paired` (batch -> the baseline's call): each timed run
+    alternates with one of the baseline's (ABBA), so the ratio of the pairs cancels the machine's drift."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.parent / "inductor" / side)  # cold: its own, fresh cache
     torch._dynamo.reset()
     cpu_peak = CpuPeak()
+    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # the baseline's, when kept
     started = time.perf_counter()
-    loaded = load_side(side, folder, device, dtype, autotune)
+    loaded = loaded if loaded is not None else load_side(side, folder, device, dtype, autotune, case)
     record = {"side": side, "load_s": time.perf_counter() - started, "batches": {}}
     for batch in profile.batches:
-        call = caller(side, loaded, profile, batch, seed)
+        call = caller(side, loaded, profile, batch, seed, case)
         pixels, first_s, _, _ = timed(call, device, cpu_peak)
-        times, peaks, device_totals = [], [], []
-        for _ in range(profile.runs):
-            _, elapsed, _, peak = timed(call, device, cpu_peak)
-            times.append(elapsed)
-            peaks.append(peak)
+        times, base_times, peaks, device_totals = [], [], [], []
+        for index in range(profile.runs):
+            order = [(call, times), *([(paired[batch], base_times)] if paired else [])]
+            for fn, into in order[:: -1 if index % 2 else 1]:
+                _, elapsed, _, peak = timed(fn, device, cpu_peak)
+                into.append(elapsed)
+                if into is times:
+                    peaks.append(peak - resident)
             device_totals.append(device_total_bytes(device))
         median = statistics.median(times)
         record["batches"][batch] = {
             "first_call_s": first_s, "compile_s": max(0.0, first_s - median), "times_s": times, "median_s": median,
             "s_per_image": median / batch, "it_per_s": profile.steps / median, "peak_bytes": max(peaks),
             "device_total_bytes": max((t for t in device_totals if t is not None), default=None), "pixels": pixels,
+            "baseline_times_s": base_times,
+            "paired_ratio": statistics.median(a / b for a, b in zip(times, base_times)) if base_times else None,
         }
-        log(f"  {side} batch {batch}: first call {first_s:.2f} s, median {median:.3f} s ({median / batch:.3f} s/image)")
+        log(f"  {side} batch {batch}: first call {first_s:.2f} s, median {median:.3f} s ({median / batch:.3f} s/image)"
+            + (f", paired ratio {record['batches'][batch]['paired_ratio']:.3f}" if base_times else ""))
     del loaded
     gc.collect()
     if device.type == "cuda":
@@ -176,19 +330,23 @@ def measure_side(side: str, folder: Path, profile: SpeedProfile, device, dtype, 
     return record
 
 
-def warm_start(side: str, folder: Path, profile: SpeedProfile, batch: int, seed: int, autotune: bool = True) -> float:
-    """A second process's first call, with the side's inductor cache from the first process (warm)."""
+def first_call_in_new_process(side: str, folder: Path, profile: SpeedProfile, batch: int, seed: int, cache: Path,
+                              autotune: bool = True, case: str = "plain") -> float:
+    """A fresh process's first call with inductor's cache in `cache`: empty = a cold compile, filled = a warm start.
+    In a process of their own, kernels compiled for an earlier side cannot be reused from memory unseen."""
     command = [sys.executable, __file__, "--profile", profile.name, "--child", side, "--folder", str(folder),
-               "--child-batch", str(batch), "--seed", str(seed)] + ([] if autotune else ["--no-autotune"])
-    environment_vars = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(folder.parent / "inductor" / side)}
+               "--child-batch", str(batch), "--seed", str(seed), "--case", case] + ([] if autotune else ["--no-autotune"])
+    environment_vars = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
     output = subprocess.run(command, capture_output=True, text=True, env=environment_vars, check=True).stdout
     return json.loads(output.strip().splitlines()[-1])["first_call_s"]
 
 
 def child(args, profile: SpeedProfile) -> int:
     device, dtype = torch.device(profile.device), DTYPES[profile.dtype]
-    loaded = load_side(args.child, Path(args.folder), device, dtype, not args.no_autotune)
-    _, first_s, _, _ = timed(caller(args.child, loaded, profile, args.child_batch, args.seed), device, CpuPeak())
+    folder = Path(args.folder)
+    case = Case.prepare(args.case, folder)
+    loaded = load_side(args.child, folder, device, dtype, not args.no_autotune, case)
+    _, first_s, _, _ = timed(caller(args.child, loaded, profile, args.child_batch, args.seed, case), device, CpuPeak())
     print(json.dumps({"first_call_s": first_s}))
     return 0
 
@@ -241,20 +399,22 @@ def peak_flops(device: torch.device) -> Optional[float]:
 # -- report ----------------------------------------------------------------------------------------------
 
 
-def table(records: list[dict], profile: SpeedProfile, floor_s: Optional[float]) -> str:
-    baseline = next((r for r in records if r["side"] == "diffusers-eager"), None)
-    rows = ["| side | batch | s/image | it/s | vs diffusers eager | first call (cold) | second process (warm) | "
+def table(records: list[dict], floor_s: Optional[float]) -> str:
+    """One row per side and batch; ratios against the first side (the baseline), from runs paired with its runs."""
+    baseline = records[0]
+    rows = [f"| side | batch | s/image | it/s | vs {baseline['side']} (paired runs) | new process, empty cache | new process, cache filled | "
             "peak mem | device total | floor share | max pixel diff |", "|" + "---|" * 11]
     for record in records:
-        for batch, case in record["batches"].items():
-            base = baseline["batches"][batch] if baseline else None
-            ratio = f"{case['median_s'] / base['median_s']:.3f}" if base else "n/a"
-            diff = f"{np.abs(case['pixels'] - base['pixels']).max():.2e}" if base else "n/a"
-            warm = f"{case['warm_start_s']:.1f} s" if "warm_start_s" in case else "-"
-            total = f"{case['device_total_bytes'] / 2**30:.2f} GiB" if case["device_total_bytes"] else "-"
-            share = f"{floor_s * batch / case['median_s']:.0%}" if floor_s else "n/a"
-            rows.append(f"| {record['side']} | {batch} | {case['s_per_image']:.3f} | {case['it_per_s']:.2f} | {ratio} | "
-                        f"{case['first_call_s']:.1f} s | {warm} | {case['peak_bytes'] / 2**30:.2f} GiB | {total} | {share} | {diff} |")
+        for batch, entry in record["batches"].items():
+            base = baseline["batches"][batch]
+            ratio = entry["paired_ratio"] or entry["median_s"] / base["median_s"]
+            cold = f"{entry['cold_start_s']:.1f} s" if "cold_start_s" in entry else f"({entry['first_call_s']:.1f} s)"
+            warm = f"{entry['warm_start_s']:.1f} s" if "warm_start_s" in entry else "-"
+            total = f"{entry['device_total_bytes'] / 2**30:.2f} GiB" if entry["device_total_bytes"] else "-"
+            share = f"{floor_s * batch / entry['median_s']:.0%}" if floor_s else "n/a"
+            rows.append(f"| {record['side']} | {batch} | {entry['s_per_image']:.3f} | {entry['it_per_s']:.2f} | {ratio:.3f} | "
+                        f"{cold} | {warm} | {entry['peak_bytes'] / 2**30:.2f} GiB | {total} | {share} | "
+                        f"{np.abs(entry['pixels'] - base['pixels']).max():.2e} |")
     return "\n".join(rows)
 
 
@@ -266,7 +426,10 @@ def parse_args(argv=None):
     parser.add_argument("--runs", type=int, help="override the profile's timed runs per case")
     parser.add_argument("--steps", type=int, help="override the profile's steps")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--warm-start", action="store_true", help="also time a second process's first call (warm cache)")
+    parser.add_argument("--case", choices=sorted(CASES), default="plain",
+                        help="what every side runs besides the plain model: " + "; ".join(f"{k}: {v}" for k, v in CASES.items() if v))
+    parser.add_argument("--warm-start", action="store_true",
+                        help="compiled sides: time a new process's first call with an empty inductor cache, then with it filled")
     parser.add_argument("--workdir", type=Path, help="where the model and caches go (default: a temp folder)")
     parser.add_argument("--child", choices=SIDES + LOW_PRECISION_SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -294,32 +457,46 @@ def main(argv=None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="refgen-speed-"))
     log = lambda message: print(message, flush=True)  # noqa: E731
     folder = save_model(profile, workdir / "model")
+    case = Case.prepare(args.case, folder)
+    sides = [side for side in args.sides if args.case in ("plain", "controlnet") or side.startswith("refgen")]
     floor_s = None
-    if peak_flops(device):
+    if peak_flops(device) and case.name == "plain":  # the count covers the UNet and the VAE, nothing more
         floor_s = flops_per_image(*saved_configs(folder), profile.width, profile.height, profile.steps) / peak_flops(device)
+    # The first side (diffusers-eager by default) stays loaded: every other side's runs alternate with its runs.
+    baseline = load_side(sides[0], folder, device, dtype, not args.no_autotune, case)
+    base_calls = {batch: caller(sides[0], baseline, profile, batch, args.seed, case) for batch in profile.batches}
     records = []
-    for side in args.sides:
+    for side in sides:
         log(f"{side} ...")
-        record = measure_side(side, folder, profile, device, dtype, args.seed, log, not args.no_autotune)
-        if args.warm_start and "-eager" not in side:
-            batch = profile.batches[0]
-            record["batches"][batch]["warm_start_s"] = warm_start(side, folder, profile, batch, args.seed, not args.no_autotune)
-            log(f"  {side}: second process first call {record['batches'][batch]['warm_start_s']:.1f} s (warm cache)")
+        kept = {"loaded": baseline} if side == sides[0] else {"paired": base_calls}
+        compile_times = args.warm_start and "-eager" not in side
+        if compile_times:  # cold: a new process and an empty cache; it leaves the cache filled for this process
+            first = partial(first_call_in_new_process, side, folder, profile, profile.batches[0], args.seed,
+                            workdir / "inductor" / side, not args.no_autotune, args.case)
+            shutil.rmtree(workdir / "inductor" / side, ignore_errors=True)
+            cold = first()
+        record = measure_side(side, folder, profile, device, dtype, args.seed, log, not args.no_autotune, case, **kept)
+        if compile_times:
+            record["batches"][profile.batches[0]].update(cold_start_s=cold, warm_start_s=first())
+            log(f"  {side}: a new process's first call: {cold:.1f} s with an empty cache, "
+                f"{record['batches'][profile.batches[0]]['warm_start_s']:.1f} s with the cache filled")
         records.append(record)
-    env = environment(device, dtype)
-    text = table(records, profile, floor_s)
-    label = f"speed-{profile.name}"
-    body = (f"### {label}: {profile.width}x{profile.height}, {profile.steps} steps, CFG {profile.guidance}, {env['device_name']}, "
+    env = {**environment(device, dtype), "driver": nvidia_driver() if device.type == "cuda" else None}
+    text = table(records, floor_s)
+    label = f"speed-{profile.name}" + ("" if args.case == "plain" else f"-{args.case}")
+    body = (f"### {label}: {profile.width}x{profile.height}, {profile.steps} steps, CFG {profile.guidance}, "
+            f"{CASES[case.name] + ', ' if CASES[case.name] else ''}{env['device_name']}, "
             f"{env['dtype']}, {env['date_utc']}\n\n`python benchmarks/bench_speed.py {' '.join(argv or sys.argv[1:])}`"
-            f" (torch {env['torch']}, diffusers {env['diffusers']})\n\n{text}\n")
+            f" (torch {env['torch']}, diffusers {env['diffusers']}{', driver ' + env['driver'] if env['driver'] else ''})\n\n{text}\n"
+            f"\n{LEGEND}\n")
     if device.type == "cuda" and "H100" not in env["device_name"]:
         body += f"\nThis GPU is {env['device_name']}, not the H100 of the anchors: compare ratios, not seconds.\n"
     print(body)
     if not args.no_save:
         for record in records:
-            for case in record["batches"].values():
-                case.pop("pixels")
-        report = {"profile": asdict(profile), "environment": env, "floor_s_per_image": floor_s, "sides": records}
+            for entry in record["batches"].values():
+                entry.pop("pixels")
+        report = {"profile": asdict(profile), "case": args.case, "environment": env, "floor_s_per_image": floor_s, "sides": records}
         save_report(report, HERE / "results" / f"{label}.json", HERE / "RESULTS.md", label, body)
     return 0
 

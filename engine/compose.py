@@ -24,7 +24,7 @@ from adapters.upscale import Upscaler
 
 from . import paths
 from .adapter import Adapter
-from .speed import Speed
+from .speed import Speed, prepare_module
 from .tiny.components import components_dir, components_manifest
 
 
@@ -78,8 +78,12 @@ def defaults(device: torch.device, dtype: torch.dtype, *, ip_adapter: str = "vit
 
 
 def upscaler_loader(setup: Setup) -> Callable[[str], Upscaler]:
-    """ESRGAN models by reference, for upscale= and ultra mode."""
-    return partial(Upscaler.load, device=setup.device, manifest=setup.manifest, weights_dir=setup.weights_dir)
+    """ESRGAN models by reference, for upscale= and ultra mode, compiled like the UNet when the engine is."""
+    def load(reference: str) -> Upscaler:
+        upscaler = Upscaler.load(reference, device=setup.device, manifest=setup.manifest, weights_dir=setup.weights_dir)
+        prepare_module(upscaler.descriptor.model, setup.speed)
+        return upscaler
+    return load
 
 
 def component_sources(model: str) -> dict:

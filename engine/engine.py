@@ -197,8 +197,7 @@ class Engine:
 
     def warm_up(self, *requests: GenerationRequest) -> float:
         """Run these requests once and drop the images, so that a compiled engine has its graphs for their sizes,
-        batches and adapter sets before the first real request (a no-op in cost on an eager engine beyond the
-        generation itself). Returns the seconds it took."""
+        batches, guidance on/off and adapter sets before the first real request. Returns the seconds it took."""
         started = time.perf_counter()
         for request in requests:
             self.generate(request)

@@ -2,7 +2,7 @@
 
 compiled: the UNet, the VAE decoder and every ControlNet through torch.compile with fullgraph=True and
 dynamic=False, in channels_last, with inductor settings from diffusers' published "fast diffusion" recipe
-(CUDA: max-autotune with CUDA graphs; CPU: weight freezing, which is where inductor gains on a CPU).
+(CUDA: max-autotune with CUDA graphs; CPU: inductor's defaults).
 max: compiled, plus fused QKV projections (the engine unfuses them while a LoRA is active, since peft's
 LoRA layers wrap to_q/to_k/to_v and a fused processor would skip them).
 
@@ -35,9 +35,11 @@ CUDA_OPTIONS = {
     "coordinate_descent_check_all_directions": True,
     "epilogue_fusion": False,
 }
-# On a CPU inductor gains only with the weights frozen into the graph (measured: full-size SDXL UNet 0.66x
-# eager time with freezing, 1.075x without, see TESTBED.md).
-CPU_OPTIONS = {"freezing": True}
+# On a CPU inductor's defaults: 0.92 of diffusers eager's time (full-size SDXL, bf16, 128 px, 4 steps, paired runs,
+# benchmarks/RESULTS.md). Freezing the weights into the graph measured no faster for a whole generation (0.885 in
+# one unpaired run) and a frozen graph is not cached, so every process start compiled again (87 s; cached: 16 s).
+# Speed(options={"freezing": True}) still asks for it.
+CPU_OPTIONS: dict = {}
 
 
 class SpeedError(RefgenError, ValueError):

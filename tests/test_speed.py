@@ -78,7 +78,7 @@ def test_speed_modes_mean_what_the_docs_say():
     compiled = speed_for("compiled", cuda)
     assert (compiled.compile, compiled.channels_last, compiled.fuse_qkv) == (True, True, False)
     assert compiled.options == CUDA_OPTIONS and compiled.options["triton.cudagraphs"] and compiled.options["max_autotune"]
-    assert speed_for("compiled", CPU).options == CPU_OPTIONS == {"freezing": True}
+    assert speed_for("compiled", CPU).options == CPU_OPTIONS
     assert speed_for("max", cuda).fuse_qkv
     assert speed_for("auto", CPU).name == "eager"
     assert speed_for("auto", cuda).name == "compiled"
@@ -161,6 +161,13 @@ def test_loras_stay_in_one_graph(tiny_model_dir, loras, counter):  # noqa: F811
     request = _request(loras=[LoraSpec(path=str(loras["kohya"]), weight=0.8)])
     assert new_graphs(engine, counter, request) >= 1
     assert new_graphs(engine, counter, request.model_copy(update={"seed": 77, "prompt": "a ship"})) == 0
+
+
+def test_the_esrgan_upscaler_compiles_with_the_engine(tiny_model_dir, counter):
+    engine = _equipped(tiny_model_dir, counted(counter))
+    engine.generate(_request())
+    assert new_graphs(engine, counter, _request(upscale=4, upscaler="tiny")) == 1  # one tile: the whole 64 px image
+    assert new_graphs(engine, counter, _request(upscale=4, upscaler="tiny", seed=9, prompt="a barn")) == 0
 
 
 # -- what compiling must not change ------------------------------------------------------------------------
