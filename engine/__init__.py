@@ -30,6 +30,14 @@ _EXPORTS = {
     "ControlNetFolderError": "adapters.controlnet",
     "LoraError": "engine.lora",
     "PeftVersionError": "engine.lora",
+    "Speed": "engine.speed",
+    "SpeedError": "engine.speed",
+    "QuantizeError": "engine.quantize",
+    "train_lora": "engine.training",
+    "TrainingRequest": "engine.training",
+    "TrainingResult": "engine.training",
+    "TrainingError": "engine.training",
+    "TrainingDataError": "engine.training",
 }
 
 __all__ = sorted(_EXPORTS)
