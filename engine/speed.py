@@ -36,8 +36,9 @@ CUDA_OPTIONS = {
     "epilogue_fusion": False,
 }
 # On a CPU inductor's defaults: 0.92 of diffusers eager's time (full-size SDXL, bf16, 128 px, 4 steps, paired runs,
-# benchmarks/RESULTS.md). Freezing the weights into the graph measured no faster for a whole generation (0.885 in
-# one unpaired run) and a frozen graph is not cached, so every process start compiled again (87 s; cached: 16 s).
+# benchmarks/RESULTS.md), and a second process loads the compiled graphs from the cache (16 s instead of ~100 s).
+# Freezing the weights into the graph was no faster for a whole generation (0.885 in one unpaired run), and
+# AOTAutograd's cache refuses frozen graphs by design, so every process start would trace and freeze again.
 # Speed(options={"freezing": True}) still asks for it.
 CPU_OPTIONS: dict = {}
 
