@@ -103,7 +103,12 @@ def steps_to_run(steps: int, denoise: float) -> int:
     """How many of `steps` a partial denoise runs: diffusers' int(steps * strength), counted in decimal
     so that binary rounding never drops a step (0.57 * 100 is 56.99999999999999 in floats). At least
     one step, or nothing would change."""
-    return max(1, min(int(Decimal(repr(denoise)) * steps), steps))
+    return max(1, min(fraction_of_steps(denoise, steps), steps))
+
+
+def fraction_of_steps(fraction: float, steps: int) -> int:
+    """int(steps x fraction) as diffusers counts it, but in decimal: the fraction as the user wrote it."""
+    return int(Decimal(repr(fraction)) * steps)
 
 
 def step_kwargs(scheduler, generators: list[torch.Generator], latents: torch.Tensor, steps: int) -> list[dict]:
@@ -152,9 +157,7 @@ def predict_noise(unet, latents, timestep, cond: Conditioning, scheduler, step: 
 def last_guided_step(total: int, cutoff: Optional[float]) -> int:
     """The last step (0-based) that runs guidance: int(total x cutoff) as diffusers' SDXLCFGCutoffCallback
     counts it, in decimal (as steps_to_run); every step without a cutoff."""
-    if cutoff is None:
-        return total - 1
-    return int(Decimal(repr(cutoff)) * total)
+    return total - 1 if cutoff is None else fraction_of_steps(cutoff, total)
 
 
 def conditional_half(value, batch: int):

@@ -141,8 +141,7 @@ def unfused_attention(unet) -> Iterator[None]:
     if not fused:
         yield
         return
-    plain = _plain_processors(unet)
-    unet.set_attn_processor(plain)
+    unet.set_attn_processor(dict(unet.original_attn_processors))  # as fuse_qkv_projections saved them (diffusers empties the dict)
     try:
         yield
     finally:
@@ -154,11 +153,6 @@ def _fused_processors(unet) -> Optional[dict]:
 
     processors = unet.attn_processors
     return processors if any(isinstance(p, FusedAttnProcessor2_0) for p in processors.values()) else None
-
-
-def _plain_processors(unet) -> dict:
-    """original_attn_processors as fuse_qkv_projections saved them (diffusers' own unfuse restores the same)."""
-    return dict(unet.original_attn_processors)
 
 
 __all__ = ["SPEEDS", "Speed", "SpeedError", "speed_for", "apply_speed", "prepare_unet", "prepare_module", "unfused_attention",

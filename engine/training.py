@@ -29,6 +29,7 @@ from .devices import pick_device
 from .errors import InvalidImageError, RefgenError
 from .images import load_rgb, pixel_digest, write_atomic
 from .provenance import package_versions
+from .vae import pil_to_tensor
 
 log = logging.getLogger("refgen")
 
@@ -259,8 +260,7 @@ def encode_dataset(pipe, images: list[TrainingImage], device: torch.device) -> E
 
 
 def _latent(vae, image: Image.Image, device: torch.device) -> torch.Tensor:
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(image.height, image.width, 3)
-    pixels = (pixels.permute(2, 0, 1).float() / 127.5 - 1.0).unsqueeze(0).to(device)
+    pixels = pil_to_tensor([image]).to(device)
     return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
 
 
