@@ -38,6 +38,10 @@ _EXPORTS = {
     "TrainingResult": "engine.training",
     "TrainingError": "engine.training",
     "TrainingDataError": "engine.training",
+    "TrainingProgress": "engine.training",
+    "TrainingInterrupted": "engine.training",
+    "LoraLibrary": "engine.lora_library",
+    "LoraLibraryError": "engine.lora_library",
 }
 
 __all__ = sorted(_EXPORTS)

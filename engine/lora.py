@@ -20,6 +20,7 @@ from typing import Iterator, Optional
 from .errors import RefgenError
 from .hashing import cached_sha256
 from .loading import check_pickle, state_dict_keys
+from .lora_library import LoraLibrary
 from .provenance import package_versions
 from .request import LoraSpec
 from .speed import unfused_attention
@@ -47,9 +48,10 @@ class LoraPatch:
 class LoraSet:
     order = 1  # after the IP-Adapters (a SharedModel, engine/adapter.py): loading FaceID switches its LoRA on
 
-    def __init__(self, pipe, allow_pickle: bool = False):
+    def __init__(self, pipe, allow_pickle: bool = False, library: Optional[LoraLibrary] = None):
         self._pipe = pipe
         self._allow_pickle = allow_pickle
+        self._library = library or LoraLibrary()  # a bare name in a request ("mira") is a library LoRA
         self._adapters: dict[str, str] = {}  # sha256 -> adapter name
         self._active = False  # may any adapter be switched on? (diffusers switches on what it loads)
 
@@ -100,16 +102,16 @@ class LoraSet:
             self._active = False
 
     def _identity(self, spec: LoraSpec) -> dict:
-        path = Path(spec.path).expanduser()
+        path = self._library.resolve(spec.path)
         if not path.is_file():
-            raise LoraError(f"LoRA file not found: {path}")
+            raise LoraError(self._library.missing_message(spec.path))
         check_pickle(path, self._allow_pickle)
         return {"path": str(path), "weight": spec.weight, "sha256": cached_sha256(path)}
 
     def _ensure_loaded(self, spec: LoraSpec, sha256: str) -> str:
         if sha256 not in self._adapters:
             name = f"lora_{sha256[:12]}"
-            path = Path(spec.path).expanduser()
+            path = self._library.resolve(spec.path)
             self._active = True  # from here on, layers of this adapter may be installed and on
             try:
                 self._pipe.load_lora_weights(str(path), adapter_name=name)

@@ -18,7 +18,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -364,36 +364,76 @@ def _training_device(device, dtype) -> tuple[torch.device, torch.dtype]:
     return chosen, picked
 
 
-def train_lora(request: TrainingRequest, out_dir: Union[str, Path], *, device=None, dtype=None,
-               progress: bool = True) -> TrainingResult:
-    """Train a LoRA and write `<out_dir>/<name>.safetensors` (kohya layout, ss_* metadata).
+@dataclass(frozen=True)
+class TrainingProgress:
+    """What a caller watching a run sees after each optimizer step."""
 
-    For now the file goes to `out_dir`; the local LoRA library, so that `loras=["name"]` finds it,
-    comes in a later increment.
+    step: int  # steps done
+    total: int
+    loss: float
+    elapsed: float  # seconds since the loop started (encoding excluded)
+
+    @property
+    def eta(self) -> float:
+        return self.elapsed / self.step * (self.total - self.step) if self.step else float("nan")
+
+
+class TrainingInterrupted(TrainingError):
+    """The run was stopped (Ctrl-C or the caller's stop()); `checkpoint` holds the state to resume from."""
+
+    def __init__(self, message: str, checkpoint: Optional[Path] = None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+def train_lora(request: TrainingRequest, out_dir: Union[str, Path, None] = None, *, library=None,
+               overwrite: bool = False, device=None, dtype=None, progress: bool = True,
+               on_step: Optional[Callable[[TrainingProgress], None]] = None,
+               stop: Optional[Callable[[], bool]] = None) -> TrainingResult:
+    """Train a LoRA and write it as `<name>.safetensors` (kohya layout, ss_* metadata): into the local LoRA
+    library (default, so `loras=["<name>"]` finds it) or into `out_dir` when one is given.
+
+    `on_step` is called after every optimizer step; `stop` is polled between steps and ends the run with
+    TrainingInterrupted when it returns True. A name already in the library is refused before any work,
+    unless `overwrite`.
     """
+    from .lora_library import LoraLibrary
+
+    library = library or LoraLibrary()
+    destination = (Path(out_dir).expanduser() / f"{request.name}.safetensors") if out_dir is not None else library.path(request.name)
+    if destination.exists() and not overwrite:
+        raise TrainingError(f"{destination} already exists: choose another name, delete it "
+                            f"(refgen loras delete {request.name}) or pass overwrite=True")
     setup = prepare_training(request, device=device, dtype=dtype)
-    losses = run_steps(setup, progress)
-    path = Path(out_dir).expanduser() / f"{request.name}.safetensors"
-    save_lora(setup, path)
-    return TrainingResult(path, losses, setup.report)
+    losses = run_steps(setup, progress, on_step, stop)
+    save_lora(setup, destination)
+    return TrainingResult(destination, losses, setup.report)
 
 
-def run_steps(setup: TrainingSetup, progress: bool) -> list[float]:
+def run_steps(setup: TrainingSetup, progress: bool, on_step=None, stop=None) -> list[float]:
+    import time
+
     from tqdm.auto import tqdm
 
     trainable = [p for p in setup.unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=setup.request.learning_rate, weight_decay=1e-4)  # the script's default
     dtype = next(p.dtype for p in setup.unet.parameters() if not p.requires_grad)
     losses = []
-    bar = tqdm(range(setup.request.steps), desc=f"training {setup.request.name}", unit="step", disable=not progress)
+    total = setup.request.steps
+    bar = tqdm(range(total), desc=f"training {setup.request.name}", unit="step", disable=not progress)
     batches = setup.batches()
-    for _ in bar:
+    started = time.perf_counter()
+    for step in bar:
+        if stop is not None and stop():
+            raise TrainingInterrupted(f"training {setup.request.name} stopped at step {step} of {total}")
         loss = training_loss(setup.unet, setup.scheduler, next(batches), dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if on_step is not None:
+            on_step(TrainingProgress(step + 1, total, losses[-1], time.perf_counter() - started))
     bar.close()
     return losses
 

@@ -105,7 +105,7 @@ def photo(tmp_path):
     (["--character", "{tmp}/missing.jpg"], "character image 1 (--character) not found"),
     (["--character", "{photo}", "--pose", "{tmp}/missing.png"], "pose image (--pose) not found"),
     (["--character", "Nobody"], "unknown character 'Nobody'"),
-    (["--lora", "{tmp}/missing.safetensors:0.8"], "LoRA file not found (--lora)"),
+    (["--lora", "{tmp}/missing.safetensors:0.8"], "(--lora) LoRA not found"),
     (["--lora", "{tmp}/trusted.ckpt"], "trusted.ckpt is a pickle-based checkpoint"),
 ])
 def test_input_files_are_checked_before_the_model_loads(refgen_home, tmp_path, photo, inputs, expected):

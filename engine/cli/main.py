@@ -239,10 +239,12 @@ def _input_images(request) -> list[tuple[Any, str]]:
 def _check_lora(path_text: str, allow_pickle: bool) -> None:
     from ..loading import check_pickle
     from ..lora import LoraError
+    from ..lora_library import LoraLibrary
 
-    path = Path(path_text).expanduser()
+    library = LoraLibrary()
+    path = library.resolve(path_text)
     if not path.is_file():
-        raise LoraError(f"LoRA file not found (--lora): {path}")
+        raise LoraError(f"(--lora) {library.missing_message(path_text)}")
     check_pickle(path, allow_pickle)
 
 
