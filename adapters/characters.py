@@ -12,7 +12,8 @@
 On disk, one folder per character under the store's root, named by the name's slug ("Mira Rossi" ->
 "mira-rossi"; names are 1-64 letters, digits, spaces, "-" or "_", so no name can reach outside the root):
 
-    character.json            name, identity anchor string, created, analyzer identity, per-anchor facts
+    character.json            name, identity anchor string, created, analyzer identity, per-anchor facts,
+                              and "lora": the name of its trained LoRA in the LoRA library, once there is one
     embeddings.safetensors    "embeddings" (n, 512) float32, one per anchor; "mean_embedding" (512,) unit length
     face.png                  the aligned face crop of the first anchor (224 x 224)
     anchors/anchor_1.png ...  RGB copies of the anchor images (upright per EXIF)
@@ -92,6 +93,7 @@ class Character:
     created: str  # ISO 8601, UTC
     path: Path = field(default=Path())  # the character's folder
     anchors: list[dict[str, Any]] = field(default_factory=list)  # per anchor: file, size, bbox, det_score
+    lora: str = ""  # the character's trained LoRA in the LoRA library ("" when none)
 
     @property
     def slug(self) -> str:
@@ -262,6 +264,18 @@ class CharacterStore:
         shutil.rmtree(trash, ignore_errors=True)
         log.info("character %r deleted", character.name)
 
+    def set_lora(self, name: str, lora: str) -> Character:
+        """Point the character at its LoRA in the LoRA library (`refgen train NAME --character ...` does this);
+        "" removes the pointer. character.json is rewritten atomically; nothing else changes."""
+        folder = self.get(name).path
+        profile = json.loads((folder / PROFILE_FILE).read_text(encoding="utf-8"))
+        if lora:
+            profile["lora"] = lora
+        else:
+            profile.pop("lora", None)
+        write_atomic(folder / PROFILE_FILE, (json.dumps(profile, indent=2) + "\n").encode())
+        return self._load(folder)
+
     def _load(self, folder: Path) -> Character:
         try:
             profile = json.loads((folder / PROFILE_FILE).read_text(encoding="utf-8"))
@@ -296,6 +310,7 @@ class CharacterStore:
             created=str(profile.get("created", "")),
             path=folder,
             anchors=anchors,
+            lora=str(profile.get("lora") or ""),
         )
 
 

@@ -92,3 +92,20 @@ def component_sources(model: str) -> dict:
     if model != "tiny":
         return {"manifest": None, "weights_dir": None}
     return {"manifest": components_manifest(), "weights_dir": components_dir(paths.cache_dir())}
+
+
+def face_locator(device: str = "cpu", pack: str = "antelopev2") -> Optional[Callable[[Any], Optional[tuple]]]:
+    """For training's face-aware crop: image -> the largest face's (x1, y1, x2, y2), or None when it has no
+    face. None instead of a locator when the face models are not installed (training then centre-crops)."""
+    from .errors import WeightsMissingError
+
+    try:
+        analyzer = FaceAnalyzer.load(pack, device=device)
+    except WeightsMissingError:
+        return None
+
+    def largest_face(image) -> Optional[tuple]:
+        faces = analyzer.analyze_all(image, what="training image")
+        return tuple(float(v) for v in faces[0].bbox) if faces else None
+
+    return largest_face

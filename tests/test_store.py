@@ -281,17 +281,77 @@ def test_reopen_keeps_everything_and_wal(tmp_path):
 
 def test_a_version_1_database_is_migrated_and_keeps_its_jobs(tmp_path):
     """Version 1 had a characters table nothing used; opening it with this refgen drops it, keeps the rest."""
-    with AssetStore(tmp_path) as store:
-        job = store.create_generation({"prompt": "x"})
+    from engine.api.store import MIGRATIONS
+
+    job_id = "0c7bd0a2-0000-4000-8000-000000000003"
     with sqlite3.connect(tmp_path / DATABASE_NAME) as db:  # as refgen 0.1 left it
-        db.execute("CREATE TABLE characters (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, folder TEXT NOT NULL, "
-                   "created_at TEXT NOT NULL)")
-        db.execute("UPDATE schema_version SET version = 1")
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for statement in filter(str.strip, MIGRATIONS[0].split(";")):
+            db.execute(statement)
+        db.execute("INSERT INTO schema_version (version) VALUES (1)")
+        db.execute("INSERT INTO generations (id, user_id, kind, status, body, created_at) VALUES "
+                   "(?, 'local', 'generation', 'PENDING', '{\"prompt\": \"x\"}', 'now')", (job_id,))
     with AssetStore(tmp_path) as store:
-        assert store.generation(job.id).status == "PENDING"
+        assert store.generation(job_id).status == "PENDING"
     with sqlite3.connect(tmp_path / DATABASE_NAME) as db:
-        assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
         assert db.execute("SELECT name FROM sqlite_master WHERE name = 'characters'").fetchall() == []
+
+
+def test_a_version_2_database_gains_the_training_tables_and_keeps_its_uploads(tmp_path):
+    """Version 3 adds datasets and trainings, and columns to uploads and generations: older rows read as before."""
+    from engine.api.store import MIGRATIONS
+
+    with sqlite3.connect(tmp_path / DATABASE_NAME) as db:  # as a version 2 refgen left it
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for migration in MIGRATIONS[:2]:
+            for statement in filter(str.strip, migration.split(";")):
+                db.execute(statement)
+        db.execute("INSERT INTO schema_version (version) VALUES (2)")
+        db.execute("INSERT INTO uploads (id, extension, token, created_at) VALUES "
+                   "('0c7bd0a2-0000-4000-8000-000000000001', 'png', 't', 'now')")
+        db.execute("INSERT INTO generations (id, user_id, kind, status, body, created_at) VALUES "
+                   "('0c7bd0a2-0000-4000-8000-000000000002', 'local', 'generation', 'PENDING', '{}', 'now')")
+    with AssetStore(tmp_path) as store:
+        assert store.upload("0c7bd0a2-0000-4000-8000-000000000001").dataset_id is None
+        job = store.generation("0c7bd0a2-0000-4000-8000-000000000002")
+        assert (job.status, job.progress) == ("PENDING", None)
+        dataset = store.create_dataset("set")
+        assert store.dataset(dataset.id).images == ()
+
+
+def test_datasets_and_trainings(tmp_path):
+    with AssetStore(tmp_path) as store:
+        dataset = store.create_dataset("faces", "five photos")
+        images = [store.add_dataset_image(dataset.id, png(), "png") for _ in range(2)]
+        assert [image.id for image in store.dataset(dataset.id).images] == [image.id for image in images]
+        assert all(path.is_file() for path in store.dataset_paths(dataset.id))
+        slot = store.new_upload("png", dataset.id)  # an empty slot is not a dataset image yet
+        assert len(store.dataset(dataset.id).images) == 2 and slot.dataset_id == dataset.id
+        with pytest.raises(UnknownAssetError):
+            store.new_upload("png", "0c7bd0a2-0000-4000-8000-000000000009")
+
+        element = store.create_training("element", "mine", None, dataset.id, {"name": "mine"}, {"epochs": 2})
+        model = store.create_training("model", "model", "d", dataset.id, {"name": "model"}, {"epochs": 1})
+        assert element.id.isdigit() and element.lora == f"element-{element.id}" and model.lora == f"model-{model.id}"
+        assert element.job.kind == "training" and element.job.body == {"epochs": 2, "training": element.id,
+                                                                        "kind": "element", "lora": element.lora}
+        assert store.training("element", int(element.id)) == store.training("element", element.id)
+        with pytest.raises(UnknownAssetError):
+            store.training("model", element.id)
+        with pytest.raises(UnknownAssetError):
+            store.training("element", "1; DROP TABLE trainings")
+        store.set_progress(element.job.id, {"step": 1, "total": 4})
+        assert store.training("element", element.id).job.progress == {"step": 1, "total": 4}
+        assert [t.id for t in store.list_trainings("element", "local")] == [element.id]
+
+        store.delete_training("element", element.id)
+        assert not store.job_exists(element.job.id) and store.list_trainings("element", "local") == []
+        paths = store.dataset_paths(dataset.id)
+        store.delete_dataset(dataset.id)
+        assert not any(path.exists() for path in paths)
+        with pytest.raises(UnknownAssetError):
+            store.dataset(dataset.id)
 
 
 def test_newer_schema_is_refused(tmp_path):

@@ -57,8 +57,13 @@ def write_dataset(folder, count: int, first_seed: int = 0, size: int = RESOLUTIO
 
 def request_for(images, tiny_model_dir, **overrides) -> TrainingRequest:
     settings = dict(images=images, name="zxq", trigger=TRIGGER, base_model=str(tiny_model_dir), rank=4,
-                    steps=80, learning_rate=5e-3, batch_size=2, resolution=RESOLUTION, seed=7)
+                    steps=80, learning_rate=5e-3, batch_size=2, resolution=RESOLUTION, seed=7, crop="centre")
     return TrainingRequest(**{**settings, **overrides})
+
+
+def train(request: TrainingRequest, folder, **options):
+    """train_lora on the CPU in fp32, its file and run folder inside `folder` (never the user's library)."""
+    return train_lora(request, folder / "out", run_dir=folder / "run", device="cpu", dtype="fp32", progress=False, **options)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +76,7 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(dataset, tiny_model_dir, tmp_path_factory):
     request = request_for(dataset, tiny_model_dir, steps=250, batch_size=4, rank=8, learning_rate=5e-3)
-    return train_lora(request, tmp_path_factory.mktemp("loras"), device="cpu", dtype="fp32", progress=False)
+    return train(request, tmp_path_factory.mktemp("loras"))
 
 
 # -- the objective --------------------------------------------------------------------------------
@@ -95,8 +100,8 @@ def test_first_step_loss_is_the_ddpm_epsilon_objective(dataset, tiny_model_dir, 
     from diffusers.image_processor import VaeImageProcessor
 
     request = request_for(dataset, tiny_model_dir, steps=1, batch_size=1)
-    batch = next(prepare_training(request, device="cpu", dtype="fp32").batches())
-    loss = train_lora(request, tmp_path, device="cpu", dtype="fp32", progress=False).losses[0]
+    batch = prepare_training(request, device="cpu", dtype="fp32").micro_batch(0)
+    loss = train(request, tmp_path).losses[0]
 
     pipe = reference_pipe
     processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor)
@@ -160,7 +165,7 @@ def test_trained_lora_loads_in_refgen_and_diffusers_to_the_same_pixels(trained, 
 def test_same_seed_gives_bit_identical_tensors_and_another_seed_does_not(dataset, tiny_model_dir, tmp_path):
     def tensors(seed: int, folder: str) -> dict:
         request = request_for(dataset, tiny_model_dir, steps=4, seed=seed)
-        return load_file(str(train_lora(request, tmp_path / folder, device="cpu", dtype="fp32", progress=False).path))
+        return load_file(str(train(request, tmp_path / folder).path))
 
     first, again, other = tensors(1, "a"), tensors(1, "b"), tensors(2, "c")
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
@@ -194,7 +199,7 @@ def test_corrupt_image_is_named_or_skipped_and_reported(tmp_path, tiny_model_dir
 def test_image_smaller_than_the_resolution_is_named_or_skipped(tmp_path, tiny_model_dir):
     folder = write_dataset(tmp_path / "small", 6)
     structured_image(99, size=48).save(folder / "tiny_one.png")
-    with pytest.raises(TrainingDataError, match=r"tiny_one.png is 48x48, smaller than the training resolution 64x64"):
+    with pytest.raises(TrainingDataError, match=r"tiny_one.png is 48x48, smaller than its training size 64x64"):
         load_dataset(request_for(folder, tiny_model_dir))
     images, report = load_dataset(request_for(folder, tiny_model_dir, skip_bad=True))
     assert len(images) == 6 and "48x48" in report.skipped[0]["reason"]

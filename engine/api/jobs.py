@@ -29,6 +29,7 @@ from .leonardo import LeonardoRequestError, ModelTable, local_model, parse_gener
 from ..provenance import png_bytes
 from ..request import default_upscaler
 from .store import AssetStore, Generation, Output, StoreError, UnknownAssetError
+from .trainings import StoreLoras, TrainingSettings, train_job
 
 log = logging.getLogger("refgen.jobs")
 
@@ -63,8 +64,12 @@ class EngineRunner:
     upscale jobs on an ESRGAN upscaler (loaded on the first upscale job)."""
 
     def __init__(self, store: AssetStore, load_engine: Optional[Callable[[str], Any]] = None,
-                 models: Optional[ModelTable] = None, upscaler: str = DEFAULT_UPSCALER):
+                 models: Optional[ModelTable] = None, upscaler: str = DEFAULT_UPSCALER,
+                 training: Optional[TrainingSettings] = None, device: Optional[str] = None, dtype: Optional[str] = None):
         self.store = store
+        self.training = training or TrainingSettings()
+        self.device, self.dtype = device, dtype  # training's (engines come from load_engine)
+        self.trained = StoreLoras(store)
         self.load_engine = load_engine or _default_load_engine
         self.models = models  # None: the built-in table + the user's file, read per job (edits apply at once)
         self.upscaler_reference = upscaler
@@ -77,12 +82,14 @@ class EngineRunner:
             return self.generate(job.body)
         if job.kind == "upscale":
             return self.upscale(job.body)
+        if job.kind == "training":
+            return self.train(job)
         raise JobError(f"unknown job kind {job.kind!r}")
 
     def generate(self, body: Mapping[str, Any]) -> list[Output]:
         models = self.models or ModelTable.load()
-        request = parse_generation(body, images=self.store.resolve_image, models=models)
-        engine = self.engine(local_model(body, models))
+        request = parse_generation(body, images=self.store.resolve_image, models=models, trained=self.trained)
+        engine = self.engine(local_model(body, models, self.trained))
         result = engine.generate(request)
         return [Output(png=png_bytes(image, meta), seed=seed, metadata=meta, identity_score=_number(meta.get("identity_score")))
                 for image, seed, meta in zip(result.images, result.seeds, result.metadata)]
@@ -97,6 +104,12 @@ class EngineRunner:
             self._engine_name = name
             log.info("model %s loaded in %.1f s", name, time.monotonic() - started)
         return self._engine
+
+    def train(self, job: Generation) -> list[Output]:
+        """A LoRA training job (engine/api/trainings.py). The loaded engine is dropped first: training loads
+        its own copy of the base model, and two SDXL copies may not fit one GPU."""
+        self._engine, self._engine_name = None, None
+        return train_job(self.store, job, self.training, device=self.device, dtype=self.dtype)
 
     def upscale(self, body: Mapping[str, Any]) -> list[Output]:
         """{"id": generated image id} -> that image at 4x, its provenance kept plus an "upscale" record."""

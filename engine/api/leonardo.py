@@ -86,8 +86,13 @@ silently. Otherwise:
   imagePromptWeight, unzoomAmount, and controlNetType/weighting without controlNet.
 - refused (the output would differ in a way refgen cannot produce): tiling (true), transparency (other
   than "disabled"), unzoom (true), fantasyAvatar (true), canvasRequest (true), canvasRequestType,
-  canvasInitId, canvasMaskId, imagePrompts, elements, userElements (non-empty), styleUUID, upscaleRatio
-  (other than 1).
+  canvasInitId, canvasMaskId, imagePrompts, elements, styleUUID, upscaleRatio (other than 1).
+
+Trained LoRAs (engine/api/trainings.py trains them from POST /elements and POST /models): with a `trained`
+resolver, `userElements: [{userLoraId, weight}]` adds each element's LoRA file at its weight (default 1; a
+LoraSpec's -4..4), and a `modelId` that is a trained custom model runs on the model it was trained on with its
+LoRA at weight 1. An unknown or unfinished element is refused naming `userElements[i].userLoraId`. Without a
+resolver (the library alone) a non-empty userElements is refused naming `userElements`.
 A key Leonardo does not define is refused by name.
 
 Answers (engine/api/server.py) speak Leonardo's enums, which both official SDKs validate. Schedulers, refgen ->
@@ -131,7 +136,7 @@ from ..request_types import STRENGTH_WEIGHTS, Reference
 from .. import paths
 from ..errors import RefgenError
 from ..presets import normalise_name
-from ..request import GenerationRequest
+from ..request import GenerationRequest, LoraSpec
 from ..schedulers import canonical_name
 
 try:
@@ -149,6 +154,16 @@ class ImageResolver(Protocol):
     """The caller's asset store: an image id -> a path or PIL image; None or LookupError if unknown."""
 
     def __call__(self, image_id: str, kind: ImageKind) -> Optional[ImageSource]: ...
+
+
+class TrainedLoras(Protocol):
+    """The caller's trained LoRAs (the API store's elements and custom models)."""
+
+    def element(self, lora_id: int) -> Optional[Path]:
+        """The element's LoRA file; None if the id is unknown; a RefgenError if it cannot be used (not trained yet)."""
+
+    def model(self, model_id: str) -> Optional[tuple[str, Path]]:
+        """(the local base model, the LoRA file) of a trained custom model; None if the id is not one."""
 
 
 class LeonardoRequestError(RefgenError):
@@ -248,9 +263,23 @@ def _read_table(path: Path) -> tuple[dict[str, str], Optional[str]]:
     return models, default
 
 
-def local_model(body: Mapping[str, Any], models: Optional[ModelTable] = None) -> str:
-    """The local model reference a Leonardo request's `modelId` stands for."""
+def local_model(body: Mapping[str, Any], models: Optional[ModelTable] = None, trained: Optional[TrainedLoras] = None) -> str:
+    """The local model reference a Leonardo request's `modelId` stands for (a trained custom model: its base)."""
+    custom = _custom_model(body.get("modelId"), trained)
+    if custom is not None:
+        return custom[0]
     return (models or ModelTable.load()).local_name(body.get("modelId"))
+
+
+def _custom_model(model_id: Any, trained: Optional[TrainedLoras]) -> Optional[tuple[str, Path]]:
+    if trained is None or not isinstance(model_id, str):
+        return None
+    try:
+        return trained.model(model_id)
+    except LookupError:
+        return None
+    except RefgenError as exc:
+        raise LeonardoRequestError("modelId", str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------- static tables
@@ -330,7 +359,7 @@ MAPPED = {
     "prompt", "negative_prompt", "modelId", "width", "height", "num_images", "seed", "guidance_scale",
     "num_inference_steps", "scheduler", "presetStyle", "alchemy", "ultra", "photoReal", "photoRealVersion",
     "init_image_id", "init_generation_image_id", "init_strength", "controlNet", "controlNetType", "weighting",
-    "controlnets",
+    "controlnets", "userElements",
 }
 IGNORED = {  # field -> neutral value (no warning when sent at it)
     "public": False, "webhookCallbackUrl": None, "sd_version": None, "promptMagic": False,
@@ -349,7 +378,6 @@ REFUSED = {  # field -> (neutral value, why refgen cannot honour anything else)
     "canvasMaskId": (None, "canvas requests are not mapped"),
     "imagePrompts": ([], "image prompts are not mapped; use controlnets with preprocessorId 100 (Content Reference)"),
     "elements": ([], "Elements are Leonardo-hosted LoRAs; give refgen LoRA files instead"),
-    "userElements": ([], "user Elements are Leonardo-hosted LoRAs; give refgen LoRA files instead"),
     "styleUUID": (None, "style UUIDs name Leonardo-hosted styles; use presetStyle"),
     "upscaleRatio": (1, "upscaling inside the generation is not mapped; use POST /variations/upscale afterwards"),
 }
@@ -360,6 +388,7 @@ DEFAULT_ORIGIN = {
     "num_images": "num_images", "seed": "seed", "steps": "num_inference_steps", "guidance_scale": "guidance_scale",
     "scheduler": "scheduler", "mode": "alchemy", "preset": "presetStyle", "init_image": "init_image_id",
     "init_strength": "init_strength", "controlnets": "controlnets", "references": "controlnets", "character": "controlnets",
+    "loras": "userElements",
 }
 # Sub-model field -> controlnets[] key.
 ENTRY_ORIGIN = {"image": "initImageId", "weight": "weight", "strength_type": "strengthType",
@@ -369,12 +398,13 @@ ENTRY_ORIGIN = {"image": "initImageId", "weight": "weight", "strength_type": "st
 # ------------------------------------------------------------------------------------------ parse
 
 def parse_generation(body: Mapping[str, Any], images: ImageResolver, models: Optional[ModelTable] = None,
-                     *, strict_sizes: bool = False) -> GenerationRequest:
-    """A Leonardo `POST /generations` body -> GenerationRequest. Raises LeonardoRequestError naming the field."""
+                     *, strict_sizes: bool = False, trained: Optional[TrainedLoras] = None) -> GenerationRequest:
+    """A Leonardo `POST /generations` body -> GenerationRequest. Raises LeonardoRequestError naming the field.
+    `trained`: the trained elements and custom models userElements and modelId may name."""
     if not isinstance(body, Mapping):
         raise LeonardoRequestError("body", f"must be a JSON object, got {type(body).__name__}")
     _check_keys(body)
-    local_model(body, models)  # an unknown modelId fails here, before any image is fetched
+    local_model(body, models, trained)  # an unknown modelId fails here, before any image is fetched
     fields = _Fields()
     _text(body, fields)
     _size(body, fields, strict_sizes)
@@ -383,6 +413,7 @@ def parse_generation(body: Mapping[str, Any], images: ImageResolver, models: Opt
     _init_image(body, images, fields)
     _legacy_controlnet(body, fields)
     _controlnets(body, images, fields)
+    _loras(body, trained, fields)
     return fields.build()
 
 
@@ -607,7 +638,7 @@ def _legacy_controlnet(body: Mapping, fields: _Fields) -> None:
     fields.put("controlnets", [unit], "controlNet")
 
 
-def _model(cls, path: str, **values):
+def _model(cls, path: str, /, **values):
     """Build one adapter model; its ValidationError becomes a LeonardoRequestError at `path`."""
     try:
         return cls(**values)
@@ -718,3 +749,48 @@ def _put_all(fields: _Fields, units: list, references: list, character: _Charact
         reference = _model(CharacterReference, character.first_path, images=character.images,
                            **{k: v for k, v in optional.items() if v is not None})
         fields.put("character", reference, "controlnets")
+
+
+# ---------------------------------------------------------------------------------- trained LoRAs
+
+USER_ELEMENT_KEYS = ("userLoraId", "weight")
+
+
+def _loras(body: Mapping, trained: Optional[TrainedLoras], fields: _Fields) -> None:
+    """userElements[] and a trained custom model's modelId -> GenerationRequest.loras (LoRA files)."""
+    loras = []
+    custom = _custom_model(body.get("modelId"), trained)
+    if custom is not None:
+        loras.append(_model(LoraSpec, "modelId", path=str(custom[1]), weight=1.0))
+    entries = body.get("userElements")
+    if entries is not None and not isinstance(entries, list):
+        raise LeonardoRequestError("userElements", f"must be a list, got {type(entries).__name__}")
+    if entries and trained is None:
+        raise LeonardoRequestError("userElements", "user Elements are LoRAs trained by this server (POST /elements); "
+                                                   "none can be resolved here")
+    for index, entry in enumerate(entries or []):
+        loras.append(_user_element(entry, trained, f"userElements[{index}]"))
+    if loras:
+        fields.put("loras", loras, "userElements" if entries else "modelId")
+
+
+def _user_element(entry: Any, trained: TrainedLoras, path: str) -> LoraSpec:
+    if not isinstance(entry, Mapping):
+        raise LeonardoRequestError(path, f"must be an object, got {type(entry).__name__}")
+    for key in entry:
+        if key not in USER_ELEMENT_KEYS:
+            raise LeonardoRequestError(f"{path}.{key}", f"unknown field; a userElements entry has {', '.join(USER_ELEMENT_KEYS)}")
+    lora_id = _integer(entry, "userLoraId", f"{path}.userLoraId")
+    if lora_id is None:
+        raise LeonardoRequestError(f"{path}.userLoraId", "is required (the id POST /elements answered)")
+    try:
+        lora = trained.element(lora_id)
+    except LookupError:
+        lora = None
+    except RefgenError as exc:
+        raise LeonardoRequestError(f"{path}.userLoraId", str(exc)) from exc
+    if lora is None:
+        raise LeonardoRequestError(f"{path}.userLoraId", f"unknown element {lora_id} (GET /elements/user/<userId> lists "
+                                                         "this server's trained elements)")
+    weight = _number(entry, "weight", f"{path}.weight")
+    return _model(LoraSpec, path, path=str(lora), weight=1.0 if weight is None else weight)

@@ -20,6 +20,25 @@ Every path is under /api/rest/v1, so a Leonardo client works after changing its 
 | GET    /variations/{id}             | generated_image_variation_generic     | transformType UPSCALE; "error"          |
 | GET    /me                          | user_details                          | a single local user                     |
 | GET    /files/{uuid}.{ext}          | the image bytes                       | the URLs the answers above hand out     |
+| POST   /datasets                    | insert_datasets_one {id}              | body {name, description}                |
+| GET    /datasets/{id}               | datasets_by_pk (+ dataset_images)     | uploaded images only                    |
+| DELETE /datasets/{id}               | delete_datasets_by_pk {id}            | its images too                          |
+| POST   /datasets/{id}/upload        | uploadDatasetImage {id, url, fields}  | the init-image upload flow and checks   |
+| POST   /datasets/{id}/upload/gen    | uploadDatasetImageFromGen {id}        | body {generatedImageId}: a copy         |
+| POST   /elements                    | sdTrainingJob {userLoraId}            | trains an SDXL LoRA (a queued job)      |
+| GET    /elements/{id}               | user_loras_by_pk                      | progress under "refgen"; "error"        |
+| GET    /elements/user/{userId}      | user_loras                            | newest first                            |
+| GET    /elements                    | loras                                 | this server's trained elements          |
+| DELETE /elements/{id}               | delete_user_loras_by_pk {id}          | stops a running training; LoRA removed  |
+| POST   /models                      | sdTrainingJob {customModelId}         | the same LoRA training, as a model id   |
+| GET    /models/{id}                 | custom_models_by_pk                   | progress under "refgen"; "error"        |
+| GET    /models/user/{userId}        | custom_models                         | newest first                            |
+| DELETE /models/{id}                 | delete_custom_models_by_pk {id}       |                                         |
+
+Training (engine/api/trainings.py): element and model trainings are jobs of the one queue (kind
+"training"), PENDING -> COMPLETE or FAILED with the reason. While one runs, its record's "refgen.progress" is
+{step, total, loss, elapsed} (a refgen extension). A generation's `userElements` [{userLoraId, weight}] applies
+trained elements' LoRAs; a modelId that is a trained custom model runs on its base model with its LoRA.
 
 Answers are checked against the official SDKs' models (leonardo-ai-sdk, @leonardo-ai/sdk;
 tests/test_leonardo_sdk.py): enum fields carry Leonardo's values (scheduler, presetStyle: see
@@ -48,6 +67,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Optional, Sequence
@@ -65,7 +85,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from ..errors import InvalidImageError, RefgenError
 from .leonardo import LeonardoRequestError, ModelTable, leonardo_scheduler, leonardo_style, parse_generation
 from .store import (DEFAULT_USER, IMAGE_EXTENSIONS, AssetStore, Generation, GeneratedImage, QueueFullError, StoreError,
-                    UnknownAssetError)
+                    Training, UnknownAssetError)
+from .trainings import StoreLoras, TrainingSettings, element_job, model_job, training_run_dir
 
 log = logging.getLogger("refgen.server")
 
@@ -99,12 +120,25 @@ class InitImageBody(BaseModel):
     extension: str
 
 
+class DatasetBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: Optional[str] = None
+
+
+class DatasetFromGenBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    generatedImageId: str
+
+
 def create_app(store: AssetStore, worker=None, *, api_key: Optional[str] = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               max_pixels: int = 40_000_000, max_queue: int = 64, models: Optional[ModelTable] = None) -> FastAPI:
+               max_pixels: int = 40_000_000, max_queue: int = 64, models: Optional[ModelTable] = None,
+               training: Optional[TrainingSettings] = None) -> FastAPI:
     """The API over `store`; `worker.notify()` is called whenever a job is queued (worker None: jobs only queue)."""
     app = FastAPI(title="refgen local API", version="1",
                   description="Leonardo.ai-compatible REST v1 API over a local SDXL engine. See engine/api/server.py.")
     context = _Context(store, worker, models or ModelTable.load(), max_upload_bytes, max_pixels, max_queue)
+    context.training = training or TrainingSettings()
     app.include_router(_api_router(context), prefix=PREFIX, dependencies=[Depends(_authoriser(api_key))])
     app.include_router(_public_router(context), prefix=PREFIX)
     _install_error_handlers(app)
@@ -117,15 +151,29 @@ class _Context:
     def __init__(self, store, worker, models, max_upload_bytes, max_pixels, max_queue):
         self.store, self.worker, self.models = store, worker, models
         self.max_upload_bytes, self.max_pixels, self.max_queue = max_upload_bytes, max_pixels, max_queue
+        self.trained = StoreLoras(store)
+        self.training = TrainingSettings()
 
     def queue(self, body: dict, kind: str = "generation") -> Generation:
         try:
             generation = self.store.create_generation(body, DEFAULT_USER, kind=kind, max_pending=self.max_queue)
         except QueueFullError as exc:
             raise HTTPException(429, str(exc), headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        self.notify()
+        return generation
+
+    def notify(self) -> None:
         if self.worker is not None:
             self.worker.notify()
-        return generation
+
+    def queue_training(self, kind: str, body: dict, job_body: dict) -> Training:
+        try:
+            training = self.store.create_training(kind, body.get("name", "placeholder"), body.get("description"),
+                                                  body["datasetId"], body, job_body, DEFAULT_USER, max_pending=self.max_queue)
+        except QueueFullError as exc:
+            raise HTTPException(429, str(exc), headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        self.notify()
+        return training
 
 
 def _authoriser(api_key: Optional[str]):
@@ -150,6 +198,9 @@ def _api_router(ctx: _Context) -> APIRouter:
     _generation_routes(router, ctx)
     _init_image_routes(router, ctx)
     _variation_routes(router, ctx)
+    _dataset_routes(router, ctx)
+    _element_routes(router, ctx)
+    _model_routes(router, ctx)
 
     @router.get("/me", tags=["user"])
     def me() -> dict:
@@ -167,7 +218,7 @@ def _generation_routes(router: APIRouter, ctx: _Context) -> None:
     @router.post("/generations", tags=["generations"])
     def create_generation(body: dict[str, Any] = Body(..., examples=[{"prompt": "a red fox", "width": 1024, "height": 1024}])) -> dict:
         """Leonardo's generation body; checked completely (fields, model, image ids) before it is queued."""
-        parse_generation(body, images=ctx.store.resolve_image, models=ctx.models)
+        parse_generation(body, images=ctx.store.resolve_image, models=ctx.models, trained=ctx.trained)
         generation = ctx.queue(body)
         return {"sdGenerationJob": {"generationId": generation.id, "apiCreditCost": 0}}
 
@@ -184,6 +235,8 @@ def _generation_routes(router: APIRouter, ctx: _Context) -> None:
     @router.delete("/generations/{generation_id}", tags=["generations"])
     def delete_generation(generation_id: str) -> dict:
         generation_id = _uuid(generation_id)
+        if ctx.store.generation(generation_id).kind == "training":  # its element or model owns it (and a LoRA file)
+            raise UnknownAssetError(f"no generation {generation_id} (a training job: DELETE its element or model)")
         ctx.store.delete_generation(generation_id)
         return {"delete_generations_by_pk": {"id": generation_id}}
 
@@ -191,6 +244,9 @@ def _generation_routes(router: APIRouter, ctx: _Context) -> None:
 def _job(store: AssetStore, job_id: str, kind: str) -> Generation:
     """A generation or an upscale variation by id; the other kind is "not found" under this path."""
     job = store.generation(_uuid(job_id))
+    if job.kind == "training":
+        raise UnknownAssetError(f"no {'generation' if kind == 'generation' else 'variation'} {job_id} (a training job: "
+                                "see its element or model)")
     if job.kind != kind:
         where = "/variations/" if job.kind == "upscale" else "/generations/"
         raise UnknownAssetError(f"no {'generation' if kind == 'generation' else 'variation'} {job_id} (see GET {where}{job_id})")
@@ -214,27 +270,41 @@ def _init_image_routes(router: APIRouter, ctx: _Context) -> None:
     @router.post("/init-image", tags=["init images"])
     def create_init_image(body: InitImageBody, request: Request) -> dict:
         """A slot for one init image: POST the returned `fields` plus `file` as multipart/form-data to `url`."""
-        extension = body.extension.lower().lstrip(".")
-        if extension not in IMAGE_EXTENSIONS:
-            raise LeonardoRequestError("extension", f"has to be one of {', '.join(IMAGE_EXTENSIONS)}, got {body.extension!r}")
-        upload = ctx.store.new_upload(extension)
-        key = f"users/{DEFAULT_USER}/initImages/{upload.id}.{upload.extension}"
-        fields = {"key": key, "token": upload.token, "Content-Type": MEDIA_TYPES[upload.extension]}
-        url = str(request.url_for("upload_init_image_file", upload_id=upload.id))
-        return {"uploadInitImage": {"id": upload.id, "url": url, "fields": json.dumps(fields), "key": key}}
+        return {"uploadInitImage": _upload_slot(ctx, request, body.extension)}
 
     @router.get("/init-image/{image_id}", tags=["init images"])
     def get_init_image(image_id: str, request: Request) -> dict:
-        upload = ctx.store.upload(_uuid(image_id))
+        upload = _init_upload(ctx.store, image_id)
         url = _file_url(request, upload.id, upload.extension) if upload.uploaded else None  # no file yet: no url
         return {"init_images_by_pk": _leonardo(id=upload.id, createdAt=upload.created_at, url=url, refgen={
             "uploaded": upload.uploaded, "width": upload.width, "height": upload.height})}
 
     @router.delete("/init-image/{image_id}", tags=["init images"])
     def delete_init_image(image_id: str) -> dict:
-        image_id = _uuid(image_id)
+        image_id = _init_upload(ctx.store, image_id).id
         ctx.store.delete_upload(image_id)
         return {"delete_init_images_by_pk": {"id": image_id}}
+
+
+def _upload_slot(ctx: _Context, request: Request, extension: str, dataset_id: Optional[str] = None) -> dict:
+    """An empty upload (an init image, or a dataset image): its presigned-POST target and fields."""
+    extension = extension.lower().lstrip(".")
+    if extension not in IMAGE_EXTENSIONS:
+        raise LeonardoRequestError("extension", f"has to be one of {', '.join(IMAGE_EXTENSIONS)}, got {extension!r}")
+    upload = ctx.store.new_upload(extension, dataset_id)
+    folder = "initImages" if dataset_id is None else f"datasets/{dataset_id}"
+    key = f"users/{DEFAULT_USER}/{folder}/{upload.id}.{upload.extension}"
+    fields = {"key": key, "token": upload.token, "Content-Type": MEDIA_TYPES[upload.extension]}
+    url = str(request.url_for("upload_init_image_file", upload_id=upload.id))
+    return {"id": upload.id, "url": url, "fields": json.dumps(fields), "key": key}
+
+
+def _init_upload(store: AssetStore, image_id: str):
+    """An init image by id; a dataset image is not one (GET /datasets/{id} lists those)."""
+    upload = store.upload(_uuid(image_id))
+    if upload.dataset_id is not None:
+        raise UnknownAssetError(f"no init image {image_id} (it is an image of dataset {upload.dataset_id})")
+    return upload
 
 
 def _variation_routes(router: APIRouter, ctx: _Context) -> None:
@@ -252,6 +322,149 @@ def _variation_routes(router: APIRouter, ctx: _Context) -> None:
     def get_variation(variation_id: str, request: Request) -> dict:
         job = _job(ctx.store, variation_id, "upscale")
         return _with_error({"generated_image_variation_generic": [_variation_json(job, request)]}, job)
+
+
+def _dataset_routes(router: APIRouter, ctx: _Context) -> None:
+    @router.post("/datasets", tags=["datasets"])
+    def create_dataset(body: DatasetBody) -> dict:
+        if not body.name.strip():
+            raise LeonardoRequestError("name", "must not be empty")
+        return {"insert_datasets_one": {"id": ctx.store.create_dataset(body.name, body.description, DEFAULT_USER).id}}
+
+    @router.get("/datasets/{dataset_id}", tags=["datasets"])
+    def get_dataset(dataset_id: str, request: Request) -> dict:
+        dataset = ctx.store.dataset(_uuid(dataset_id))
+        images = [{"id": image.id, "createdAt": image.created_at, "url": _file_url(request, image.id, image.extension)}
+                  for image in dataset.images]
+        return {"datasets_by_pk": _leonardo(id=dataset.id, name=dataset.name, description=dataset.description,
+                                            createdAt=dataset.created_at, updatedAt=dataset.updated_at, dataset_images=images)}
+
+    @router.delete("/datasets/{dataset_id}", tags=["datasets"])
+    def delete_dataset(dataset_id: str) -> dict:
+        dataset_id = _uuid(dataset_id)
+        ctx.store.delete_dataset(dataset_id)
+        return {"delete_datasets_by_pk": {"id": dataset_id}}
+
+    @router.post("/datasets/{dataset_id}/upload", tags=["datasets"])
+    def upload_dataset_image(dataset_id: str, body: InitImageBody, request: Request) -> dict:
+        """A slot for one dataset image: POST the returned `fields` plus `file` to `url` (as for init images)."""
+        return {"uploadDatasetImage": _upload_slot(ctx, request, body.extension, _uuid(dataset_id))}
+
+    @router.post("/datasets/{dataset_id}/upload/gen", tags=["datasets"])
+    def upload_dataset_image_from_gen(dataset_id: str, body: DatasetFromGenBody) -> dict:
+        """A copy of a generated image, added to the dataset."""
+        dataset_id = ctx.store.dataset(_uuid(dataset_id)).id
+        try:
+            source = ctx.store.generated_image(_uuid(body.generatedImageId))
+        except UnknownAssetError:
+            raise LeonardoRequestError("generatedImageId", f"unknown generated image id {body.generatedImageId!r}") from None
+        upload = ctx.store.add_dataset_image(dataset_id, source.path.read_bytes(), "png", ctx.max_pixels)
+        return {"uploadDatasetImageFromGen": {"id": upload.id}}
+
+
+def _element_routes(router: APIRouter, ctx: _Context) -> None:
+    @router.post("/elements", tags=["elements"])
+    def create_element(body: dict[str, Any] = Body(..., examples=[{
+            "name": "my-style", "datasetId": "<dataset id>", "instance_prompt": "zxq style", "lora_focus": "Style",
+            "num_train_epochs": 10, "learning_rate": 0.0001, "resolution": 1024, "sd_version": "SDXL_1_0"}])) -> dict:
+        """Train an SDXL LoRA on a dataset (a queued job): poll GET /elements/{userLoraId}."""
+        job_body = element_job(body, ctx.store, ctx.training, ctx.models.default)
+        training = ctx.queue_training("element", body, job_body)
+        return {"sdTrainingJob": {"userLoraId": int(training.id), "apiCreditCost": 0}}
+
+    @router.get("/elements", tags=["elements"])
+    def list_elements() -> dict:
+        """This server's trained elements (Leonardo lists its platform elements here; refgen has none)."""
+        done = [t for t in ctx.store.list_trainings("element", DEFAULT_USER, 0, 1000) if t.job.status == "COMPLETE"]
+        return {"loras": [_leonardo(name=t.name, description=t.description, baseModel=_sd_version(t), weightDefault=1,
+                                    weightMin=-4, weightMax=4, refgen={"userLoraId": int(t.id)}) for t in done]}
+
+    @router.get("/elements/user/{user_id}", tags=["elements"])
+    def user_elements(user_id: str, offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)) -> dict:
+        return {"user_loras": [_element_json(t) for t in ctx.store.list_trainings("element", user_id, offset, limit)]}
+
+    @router.get("/elements/{element_id}", tags=["elements"])
+    def get_element(element_id: str) -> dict:
+        training = ctx.store.training("element", element_id)
+        return _with_error({"user_loras_by_pk": _element_json(training)}, training.job)
+
+    @router.delete("/elements/{element_id}", tags=["elements"])
+    def delete_element(element_id: str) -> dict:
+        training = _delete_training(ctx, "element", element_id)
+        return {"delete_user_loras_by_pk": {"id": int(training.id)}}
+
+
+def _model_routes(router: APIRouter, ctx: _Context) -> None:
+    @router.post("/models", tags=["models"])
+    def create_model(body: dict[str, Any] = Body(..., examples=[{
+            "name": "my-model", "datasetId": "<dataset id>", "instance_prompt": "zxq person"}])) -> dict:
+        """Train a custom model (an SDXL LoRA over the server's model; a queued job): poll GET /models/{customModelId}."""
+        job_body = model_job(body, ctx.store, ctx.training, ctx.models.default)
+        training = ctx.queue_training("model", body, job_body)
+        return {"sdTrainingJob": {"customModelId": training.id, "apiCreditCost": 0}}
+
+    @router.get("/models/user/{user_id}", tags=["models"])
+    def user_models(user_id: str, offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)) -> dict:
+        return {"custom_models": [_model_json(t) for t in ctx.store.list_trainings("model", user_id, offset, limit)]}
+
+    @router.get("/models/{model_id}", tags=["models"])
+    def get_model(model_id: str) -> dict:
+        training = ctx.store.training("model", _uuid(model_id))
+        return _with_error({"custom_models_by_pk": _model_json(training)}, training.job)
+
+    @router.delete("/models/{model_id}", tags=["models"])
+    def delete_model(model_id: str) -> dict:
+        training = _delete_training(ctx, "model", _uuid(model_id))
+        return {"delete_custom_models_by_pk": {"id": training.id}}
+
+
+def _delete_training(ctx: _Context, kind: str, training_id: str) -> Training:
+    """The record and its job (a running training stops at its next step), then its LoRA file."""
+    from ..lora_library import LoraLibrary, UnknownLoraError
+
+    training = ctx.store.delete_training(kind, training_id)
+    try:
+        LoraLibrary(ctx.store.loras).delete(training.lora)
+    except UnknownLoraError:
+        pass  # never trained, or still training (a stopped run writes nothing)
+    shutil.rmtree(training_run_dir(ctx.store, training.lora), ignore_errors=True)  # its checkpoints
+    return training
+
+
+def _sd_version(training: Training) -> str:
+    version = training.body.get("sd_version")
+    return version if isinstance(version, str) and version in SDXL_ANSWER_VERSIONS else "SDXL_1_0"
+
+
+SDXL_ANSWER_VERSIONS = ("SDXL_0_8", "SDXL_0_9", "SDXL_1_0")  # Leonardo's SdVersions enum (answers); other SDXL names -> 1.0
+
+
+def _training_refgen(training: Training) -> dict:
+    job = training.job
+    return _leonardo(progress=job.progress, error=job.error, datasetId=training.dataset_id, startedAt=job.started_at,
+                     finishedAt=job.finished_at, lora=f"{training.lora}.safetensors", baseModel=job.body.get("base_model"),
+                     trigger=job.body.get("trigger"))
+
+
+def _element_json(training: Training) -> dict:
+    body, job = training.body, training.job
+    return _leonardo(
+        id=int(training.id), name=training.name, description=training.description or "", status=job.status,
+        createdAt=training.created_at, updatedAt=job.finished_at or job.started_at or training.created_at,
+        baseModel=body.get("sd_version") if isinstance(body.get("sd_version"), str) else None,
+        focus=_text(body.get("lora_focus")), instancePrompt=job.body.get("trigger"),
+        learningRate=_real(body.get("learning_rate")), resolution=job.body.get("resolution"), trainTextEncoder=False,
+        trainingEpoch=_whole(body.get("num_train_epochs")), refgen=_training_refgen(training))
+
+
+def _model_json(training: Training) -> dict:
+    body, job = training.body, training.job
+    resolution = job.body.get("resolution")
+    return _leonardo(
+        id=training.id, name=training.name, description=training.description or "", status=job.status,
+        createdAt=training.created_at, updatedAt=job.finished_at or job.started_at or training.created_at,
+        instancePrompt=job.body.get("trigger"), modelWidth=resolution, modelHeight=resolution, public=False,
+        sdVersion="SDXL_1_0", type=_text(body.get("modelType")) or "GENERAL", refgen=_training_refgen(training))
 
 
 # ---------------------------------------------------------------------------------- public routes
@@ -521,14 +734,15 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key: Optional[s
 def service(store: AssetStore, *, api_key: Optional[str] = None, model: Optional[str] = None, device: Optional[str] = None,
             dtype: Optional[str] = None, upscaler: Optional[str] = None, max_queue: int = 64,
             load_engine: Optional[Callable[[str], Any]] = None, speed: str = "auto",
-            warm_up: Sequence[tuple[int, int]] = ()) -> tuple[FastAPI, Any]:
+            warm_up: Sequence[tuple[int, int]] = (), training: Optional[TrainingSettings] = None) -> tuple[FastAPI, Any]:
     """What `refgen serve` runs, not yet started: (app, worker) over `store`. `model` is the server's model:
     requests without a modelId and Leonardo's platform model ids (e.g. the SDKs' default) run on it.
     `upscaler`: the ESRGAN model of upscale variations; default realesrgan-x4plus, or the tiny model's random
     Real-ESRGAN when `model` is tiny (an offline server stays offline).
     `speed`: Engine.load's (auto: compiled on a GPU); `warm_up`: (width, height) sizes each engine generates once
     when it loads, so that a compiled engine has their graphs before the first job.
-    `load_engine(name)` replaces Engine.load(name, device, dtype) (tests add models that are not on disk)."""
+    `load_engine(name)` replaces Engine.load(name, device, dtype) (tests add models that are not on disk).
+    `training`: the LoRA training recipe and limits of POST /elements and /models (engine/api/trainings.py)."""
     import dataclasses
 
     from .jobs import DEFAULT_UPSCALER, EngineRunner, Worker
@@ -538,9 +752,10 @@ def service(store: AssetStore, *, api_key: Optional[str] = None, model: Optional
     models = ModelTable.load()
     if model:
         models = dataclasses.replace(models, default=model)
-    runner = EngineRunner(store, load_engine=load_engine or _engine_loader(device, dtype, speed, warm_up), models=models, upscaler=upscaler)
+    runner = EngineRunner(store, load_engine=load_engine or _engine_loader(device, dtype, speed, warm_up), models=models,
+                          upscaler=upscaler, training=training, device=device, dtype=dtype)
     worker = Worker(store, runner)
-    return create_app(store, worker, api_key=api_key, max_queue=max_queue, models=models), worker
+    return create_app(store, worker, api_key=api_key, max_queue=max_queue, models=models, training=training), worker
 
 
 def _engine_loader(device: Optional[str], dtype: Optional[str], speed: str = "auto", warm_up: Sequence[tuple[int, int]] = ()):

@@ -11,6 +11,8 @@ beside it, written atomically. Ids are UUID4 strings; no user-supplied string ev
     store.complete_generation(job.id, outputs)   # images and status COMPLETE in one transaction
     store.fail_generation(job.id, "why")         # status FAILED with its error
     store.release_interrupted(); store.sweep_orphans()      # at start-up: what a killed process left
+    dataset = store.create_dataset("faces")      # training: dataset images are uploads with a dataset_id
+    element = store.create_training("element", "mine", None, dataset.id, body, job_body)  # record + "training" job
 
 Statuses are Leonardo's: PENDING (queued or running), COMPLETE, FAILED. A claimed job that never
 finished (the process died) is released again by `release_interrupted()` at start-up, so no job is
@@ -41,7 +43,8 @@ from ..errors import RefgenError
 from ..images import STAGING_NAME, load_rgb, write_atomic
 
 Status = Literal["PENDING", "COMPLETE", "FAILED"]
-JobKind = Literal["generation", "upscale"]
+JobKind = Literal["generation", "upscale", "training"]
+TrainingKind = Literal["element", "model"]
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 DEFAULT_USER = "local"  # a single-user server: every generation belongs to this user id
 
@@ -72,6 +75,37 @@ class Upload:
     uploaded: bool = False
     width: Optional[int] = None
     height: Optional[int] = None
+    dataset_id: Optional[str] = None  # a dataset image (POST /datasets/{id}/upload), not an init image
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A training dataset: a name and its images (completed uploads, oldest first)."""
+
+    id: str
+    user_id: str
+    name: str
+    description: Optional[str]
+    created_at: str
+    updated_at: str
+    images: tuple[Upload, ...] = ()
+
+
+@dataclass(frozen=True)
+class Training:
+    """A trained LoRA: a Leonardo element (integer id) or custom model (UUID id), and the job that trains it.
+    `lora` is its file name in the store's LoRA folder (`AssetStore.loras`); status and progress are the job's."""
+
+    id: str  # the element's integer id as text, or the custom model's UUID
+    kind: TrainingKind
+    user_id: str
+    name: str
+    description: Optional[str]
+    dataset_id: str
+    lora: str
+    body: dict[str, Any]  # the Leonardo request body as received
+    created_at: str
+    job: "Generation"
 
 
 @dataclass(frozen=True)
@@ -97,6 +131,7 @@ class Generation:
     finished_at: Optional[str] = None
     error: Optional[str] = None
     images: tuple[GeneratedImage, ...] = ()
+    progress: Optional[dict[str, Any]] = None  # a running training job's {"step", "total", "loss", "elapsed"}
 
 
 @dataclass(frozen=True)
@@ -117,6 +152,7 @@ log = logging.getLogger("refgen.store")
 
 DATABASE_NAME = "refgen.sqlite3"
 FILES_DIR = "files"
+LORAS_DIR = "loras"
 BUSY_TIMEOUT_MS = 10_000  # another process (a second server on the same folder) holding the write lock
 
 # Version 1. Later versions append their migration to MIGRATIONS; `_migrate` runs the missing ones in order.
@@ -165,7 +201,36 @@ CREATE TABLE characters (
 """
 # v2: characters live in their own folders (adapters/characters.py); the store never used its table.
 _SCHEMA_V2 = "DROP TABLE characters;"
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)  # MIGRATIONS[n] takes the schema from version n to n + 1
+# v3: training (Leonardo datasets, elements, custom models). Dataset images are uploads with a dataset_id (the
+# init-image upload path, its checks and its files); a training is a job of kind "training" plus its record.
+_SCHEMA_V3 = """
+ALTER TABLE generations ADD COLUMN progress TEXT;
+CREATE TABLE datasets (
+    id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    description TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+ALTER TABLE uploads ADD COLUMN dataset_id TEXT REFERENCES datasets (id) ON DELETE CASCADE;
+CREATE INDEX uploads_dataset ON uploads (dataset_id);
+CREATE TABLE trainings (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    model_id TEXT UNIQUE,
+    job_id TEXT NOT NULL UNIQUE REFERENCES generations (id) ON DELETE CASCADE,
+    user_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    description TEXT,
+    dataset_id TEXT NOT NULL,
+    lora TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX trainings_user ON trainings (user_id, kind, seq);
+"""
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)  # MIGRATIONS[n] takes the schema from version n to n + 1
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -206,6 +271,11 @@ def _is_orphan(name: str, referenced: set[str]) -> bool:
     return _is_own_name(name) and name not in referenced
 
 
+def _upload(row: sqlite3.Row) -> Upload:
+    return Upload(id=row["id"], extension=row["extension"], token=row["token"], created_at=row["created_at"],
+                  uploaded=bool(row["uploaded"]), width=row["width"], height=row["height"], dataset_id=row["dataset_id"])
+
+
 def _score(value: Any) -> Optional[float]:
     """A finite number, or None ("no face", absent): what the identity_score column holds."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -222,6 +292,7 @@ class AssetStore:
         self.root = Path(root) if root is not None else paths.data_dir() / "api"
         self.files = self.root / FILES_DIR
         self.files.mkdir(parents=True, exist_ok=True)
+        self.loras = self.root / LORAS_DIR  # trained elements' and custom models' LoRA files (a LoraLibrary root)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.root / DATABASE_NAME, check_same_thread=False, isolation_level=None,
                                    timeout=BUSY_TIMEOUT_MS / 1000)
@@ -308,14 +379,18 @@ class AssetStore:
 
     # -- uploads
 
-    def new_upload(self, extension: str) -> Upload:
+    def new_upload(self, extension: str, dataset_id: Optional[str] = None) -> Upload:
+        """An empty upload slot; with `dataset_id`, an image of that dataset (UnknownAssetError if it is unknown)."""
         extension = extension.lower().lstrip(".") if isinstance(extension, str) else extension
         if extension not in IMAGE_EXTENSIONS:
             raise StoreError(f"extension {extension!r} is not accepted; use one of {', '.join(IMAGE_EXTENSIONS)}")
-        upload = Upload(id=str(uuid.uuid4()), extension=extension, token=secrets.token_urlsafe(32), created_at=_now())
+        upload = Upload(id=str(uuid.uuid4()), extension=extension, token=secrets.token_urlsafe(32), created_at=_now(),
+                        dataset_id=None if dataset_id is None else _checked_id(dataset_id))
         with self._transaction() as db:
-            db.execute("INSERT INTO uploads (id, extension, token, created_at) VALUES (?, ?, ?, ?)",
-                       (upload.id, upload.extension, upload.token, upload.created_at))
+            if upload.dataset_id is not None:
+                self._require_dataset(db, upload.dataset_id)
+            db.execute("INSERT INTO uploads (id, extension, token, created_at, dataset_id) VALUES (?, ?, ?, ?, ?)",
+                       (upload.id, upload.extension, upload.token, upload.created_at, upload.dataset_id))
         return upload
 
     def complete_upload(self, upload_id: str, token: str, data: bytes, max_pixels: int = 40_000_000) -> Upload:
@@ -345,9 +420,7 @@ class AssetStore:
         rows = self._query("SELECT * FROM uploads WHERE id = ?", (_checked_id(upload_id),))
         if not rows:
             raise UnknownAssetError(f"unknown upload {upload_id}")
-        row = rows[0]
-        return Upload(id=row["id"], extension=row["extension"], token=row["token"], created_at=row["created_at"],
-                      uploaded=bool(row["uploaded"]), width=row["width"], height=row["height"])
+        return _upload(rows[0])
 
     def delete_upload(self, upload_id: str) -> None:
         upload = self.upload(upload_id)
@@ -378,17 +451,21 @@ class AssetStore:
                           max_pending: Optional[int] = None) -> Generation:
         """Queue a job (status PENDING). With `max_pending`, QueueFullError when that many are already
         pending: counted and inserted in one write transaction, so simultaneous callers cannot overshoot."""
-        if kind not in ("generation", "upscale"):
+        if kind not in ("generation", "upscale", "training"):
             raise StoreError(f"unknown job kind {kind!r}")
-        generation_id = str(uuid.uuid4())
         with self._transaction() as db:
-            if max_pending is not None:
-                pending = db.execute("SELECT COUNT(*) FROM generations WHERE status = 'PENDING'").fetchone()[0]
-                if pending >= max_pending:
-                    raise QueueFullError(f"the queue is full ({max_pending} jobs); retry later")
-            db.execute("INSERT INTO generations (id, user_id, kind, status, body, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                       (generation_id, user_id, kind, "PENDING", json.dumps(body), _now()))
+            generation_id = self._insert_job(db, body, user_id, kind, max_pending)
         return self.generation(generation_id)
+
+    def _insert_job(self, db: sqlite3.Connection, body: dict, user_id: str, kind: str, max_pending: Optional[int]) -> str:
+        if max_pending is not None:
+            pending = db.execute("SELECT COUNT(*) FROM generations WHERE status = 'PENDING'").fetchone()[0]
+            if pending >= max_pending:
+                raise QueueFullError(f"the queue is full ({max_pending} jobs); retry later")
+        generation_id = str(uuid.uuid4())
+        db.execute("INSERT INTO generations (id, user_id, kind, status, body, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                   (generation_id, user_id, kind, "PENDING", json.dumps(body), _now()))
+        return generation_id
 
     def generation(self, generation_id: str) -> Generation:
         with self._lock:  # the row and its images from one consistent moment
@@ -403,6 +480,7 @@ class AssetStore:
             id=row["id"], user_id=row["user_id"], kind=row["kind"], status=row["status"], body=json.loads(row["body"]),
             created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"],
             error=row["error"], images=tuple(self._image(image) for image in images),
+            progress=json.loads(row["progress"]) if row["progress"] else None,
         )
 
     def _image(self, row: sqlite3.Row) -> GeneratedImage:
@@ -499,3 +577,122 @@ class AssetStore:
         if released:
             log.info("released %d interrupted job(s) back to the queue", released)
         return released
+
+    # -- progress (training jobs)
+
+    def set_progress(self, generation_id: str, progress: dict[str, Any]) -> None:
+        """Record a running job's progress (shown while it is PENDING); a deleted job is ignored."""
+        with self._transaction() as db:
+            db.execute("UPDATE generations SET progress = ? WHERE id = ? AND status = 'PENDING'",
+                       (json.dumps(progress), _checked_id(generation_id)))
+
+    def job_exists(self, generation_id: str) -> bool:
+        return bool(self._query("SELECT 1 FROM generations WHERE id = ?", (_checked_id(generation_id),)))
+
+    # -- datasets
+
+    def create_dataset(self, name: str, description: Optional[str] = None, user_id: str = DEFAULT_USER) -> Dataset:
+        if not isinstance(name, str) or not name.strip():
+            raise StoreError("a dataset needs a name")
+        dataset_id, now = str(uuid.uuid4()), _now()
+        with self._transaction() as db:
+            db.execute("INSERT INTO datasets (id, user_id, name, description, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                       (dataset_id, user_id, name, description, now, now))
+        return self.dataset(dataset_id)
+
+    def _require_dataset(self, db: sqlite3.Connection, dataset_id: str) -> sqlite3.Row:
+        row = db.execute("SELECT * FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
+        if row is None:
+            raise UnknownAssetError(f"unknown dataset {dataset_id}")
+        return row
+
+    def dataset(self, dataset_id: str) -> Dataset:
+        """The dataset and its uploaded images (slots not yet filled are left out)."""
+        dataset_id = _checked_id(dataset_id)
+        with self._lock:
+            row = self._require_dataset(self._db, dataset_id)
+            images = self._query("SELECT * FROM uploads WHERE dataset_id = ? AND uploaded = 1 ORDER BY rowid", (dataset_id,))
+        return Dataset(id=row["id"], user_id=row["user_id"], name=row["name"], description=row["description"],
+                       created_at=row["created_at"], updated_at=row["updated_at"], images=tuple(_upload(image) for image in images))
+
+    def dataset_paths(self, dataset_id: str) -> list[Path]:
+        return [self._file(f"{image.id}.{image.extension}") for image in self.dataset(dataset_id).images]
+
+    def add_dataset_image(self, dataset_id: str, data: bytes, extension: str = "png", max_pixels: int = 40_000_000) -> Upload:
+        """An image put straight into a dataset (e.g. a copy of a generated image): the upload path's checks."""
+        upload = self.new_upload(extension, dataset_id)
+        try:
+            return self.complete_upload(upload.id, upload.token, data, max_pixels)
+        except BaseException:
+            with self._transaction() as db:
+                db.execute("DELETE FROM uploads WHERE id = ? AND uploaded = 0", (upload.id,))
+            raise
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        dataset_id = _checked_id(dataset_id)
+        with self._transaction() as db:
+            self._require_dataset(db, dataset_id)
+            names = [f"{row['id']}.{row['extension']}" for row in db.execute(
+                "SELECT id, extension FROM uploads WHERE dataset_id = ? AND uploaded = 1", (dataset_id,))]
+            db.execute("DELETE FROM uploads WHERE dataset_id = ?", (dataset_id,))
+            db.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
+        self._remove_files(names)
+
+    # -- trainings (elements and custom models)
+
+    def create_training(self, kind: TrainingKind, name: str, description: Optional[str], dataset_id: str,
+                        body: dict, job_body: dict, user_id: str = DEFAULT_USER,
+                        max_pending: Optional[int] = None) -> Training:
+        """The record and its queued job (kind "training"), in one transaction. The job body gets "training"
+        (the record's id) and "lora" (its file name: element-<id> or model-<uuid>, never reused)."""
+        if kind not in ("element", "model"):
+            raise StoreError(f"unknown training kind {kind!r}")
+        dataset_id = _checked_id(dataset_id)
+        with self._transaction() as db:
+            self._require_dataset(db, dataset_id)
+            model_id = str(uuid.uuid4()) if kind == "model" else None
+            job_id = self._insert_job(db, job_body, user_id, "training", max_pending)
+            seq = db.execute("INSERT INTO trainings (kind, model_id, job_id, user_id, name, description, dataset_id, lora, "
+                             "body, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, '', ?, ?)",
+                             (kind, model_id, job_id, user_id, name, description, dataset_id, json.dumps(body), _now())).lastrowid
+            training_id = model_id or str(seq)
+            lora = f"{kind}-{training_id}"
+            db.execute("UPDATE trainings SET lora = ? WHERE seq = ?", (lora, seq))
+            db.execute("UPDATE generations SET body = ? WHERE id = ?",
+                       (json.dumps({**job_body, "training": training_id, "kind": kind, "lora": lora}), job_id))
+        return self.training(kind, training_id)
+
+    def training(self, kind: TrainingKind, training_id: Any) -> Training:
+        """An element (by its integer id, given as int or text) or a custom model (by UUID)."""
+        rows = self._query(*self._training_query(kind, training_id))
+        if not rows:
+            raise UnknownAssetError(f"unknown {'element' if kind == 'element' else 'custom model'} {str(training_id)[:80]}")
+        return self._training(rows[0])
+
+    @staticmethod
+    def _training_query(kind: TrainingKind, training_id: Any) -> tuple[str, tuple]:
+        if kind == "element":
+            text = str(training_id)
+            if isinstance(training_id, bool) or not text.isascii() or not text.isdigit() or len(text) > 18:
+                raise UnknownAssetError(f"unknown element {text[:80]!r}")
+            return "SELECT * FROM trainings WHERE kind = 'element' AND seq = ?", (int(text),)
+        return "SELECT * FROM trainings WHERE kind = 'model' AND model_id = ?", (_checked_id(training_id),)
+
+    def _training(self, row: sqlite3.Row) -> Training:
+        return Training(id=row["model_id"] or str(row["seq"]), kind=row["kind"], user_id=row["user_id"], name=row["name"],
+                        description=row["description"], dataset_id=row["dataset_id"], lora=row["lora"],
+                        body=json.loads(row["body"]), created_at=row["created_at"], job=self.generation(row["job_id"]))
+
+    def list_trainings(self, kind: TrainingKind, user_id: str, offset: int = 0, limit: int = 100) -> list[Training]:
+        with self._lock:
+            rows = self._query("SELECT * FROM trainings WHERE kind = ? AND user_id = ? ORDER BY seq DESC LIMIT ? OFFSET ?",
+                               (kind, user_id, limit, offset))
+            return [self._training(row) for row in rows]
+
+    def delete_training(self, kind: TrainingKind, training_id: Any) -> Training:
+        """The record and its job (a running job stops at its next step); the caller removes the LoRA file."""
+        training = self.training(kind, training_id)
+        with self._transaction() as db:
+            db.execute("DELETE FROM trainings WHERE job_id = ?", (training.job.id,))
+            db.execute("DELETE FROM generations WHERE id = ?", (training.job.id,))
+        return training

@@ -112,12 +112,22 @@ def show_character(name: NameArgument) -> None:
         ("analyzer", str(analyzer.get("identity", "?"))),
         ("folder", str(character.path)),
         ("face crop", str(character.face_path)),
+        ("lora", _lora_line(character.lora)),
     ]
     console = Console()
     for label, value in rows:
         console.print(f"[bold]{label:>9}:[/bold] {escape(value)}", soft_wrap=True)
     for number, path in enumerate(character.anchor_paths, start=1):
         console.print(f"[bold]{'anchor ' + str(number):>9}:[/bold] {escape(str(path))}", soft_wrap=True)
+
+
+def _lora_line(lora: str) -> str:
+    if not lora:
+        return "none (train one: refgen train NAME IMAGES... --character NAME)"
+    from ..lora_library import LoraLibrary
+
+    state = "" if LoraLibrary().exists(lora) else " (missing from the LoRA library)"
+    return f"{lora}{state}; use it with --lora {lora}"
 
 
 @character_app.command("delete")

@@ -18,6 +18,7 @@ from .character import character_app
 from .error_lines import refgen_errors
 from .serve import SpeedChoice, serve
 from .sheet import sheet
+from .train import loras_app, train
 from .upscale import upscale
 from .weights import weights_app
 
@@ -26,6 +27,7 @@ presets_app = typer.Typer(help="Built-in and user presets.", no_args_is_help=Tru
 app.add_typer(weights_app, name="weights")
 app.add_typer(presets_app, name="presets")
 app.add_typer(character_app, name="character")
+app.add_typer(loras_app, name="loras")
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Manifest name, diffusers folder, cached repo id, .safetensors file, or 'tiny'.")]
 ControlNetModelOption = Annotated[Optional[list[str]], typer.Option(
@@ -53,7 +55,7 @@ REMIX_FLAGS = MappingProxyType({
     "weight": "--control-weight",
 })
 # Commands that load diffusers/transformers models; others skip importing them (seconds) just to silence them.
-MODEL_COMMANDS = frozenset({"generate", "remix", "replay", "serve"})
+MODEL_COMMANDS = frozenset({"generate", "remix", "replay", "serve", "train"})
 
 
 @app.callback()
@@ -427,3 +429,4 @@ def _text(value) -> str:
 app.command()(upscale)  # defined in upscale.py / sheet.py; registered last so `refgen --help` lists generate first
 app.command()(sheet)
 app.command()(serve)
+app.command()(train)
