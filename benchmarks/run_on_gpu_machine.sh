@@ -7,6 +7,11 @@
 # extra arguments go to it, e.g. --parts esrgan); it needs spandrel among the carried wheels.
 # BENCH=speed runs bench_speed.py's gpu-sdxl profile: diffusers eager and compiled against refgen's speed modes
 # (extra arguments go to it; a 10-minute plan: --sides diffusers-eager refgen-eager refgen-compiled --batches 1 --runs 3).
+# BENCH=training runs bench_training.py's gpu-sdxl profile: refgen's LoRA training against diffusers'
+# train_dreambooth_lora_sdxl.py (full-size SDXL, random weights, rank 16, 1024², batch 1, checkpointing, bf16).
+# The script is not in the repository: put it (bench_training.py's docstring says where from) in
+# .diffusers_scripts/ (add `/.diffusers_scripts/` to .git/info/exclude) and carry it with .whl, or name
+# another path in DIFFUSERS_SCRIPT. Extra arguments go to bench_training.py (e.g. --steps 25 --sides refgen diffusers).
 set -uo pipefail
 out="${OUT:-/tmp/bench-out}"
 bench="${BENCH:-generate}"
@@ -23,6 +28,16 @@ if [ "$bench" = speed ]; then
   python3 benchmarks/bench_speed.py --profile gpu-sdxl --workdir /tmp/speed "$@" 2>&1 | tee "$out/speed-gpu-sdxl.log"
   status=${PIPESTATUS[0]}
   cp benchmarks/results/speed-gpu-sdxl*.json "$out/" 2>/dev/null
+  exit "$status"
+fi
+if [ "$bench" = training ]; then
+  script="${DIFFUSERS_SCRIPT:-.diffusers_scripts/train_dreambooth_lora_sdxl.py}"
+  python3 -c "import peft, accelerate, torchvision; print('peft', peft.__version__, 'accelerate', accelerate.__version__, 'torchvision', torchvision.__version__)" || exit 1
+  python3 benchmarks/bench_training.py --profile gpu-sdxl --diffusers-script "$script" --dry-run || exit 1
+  python3 benchmarks/bench_training.py --profile gpu-sdxl --diffusers-script "$script" --workdir /tmp/training "$@" 2>&1 | tee "$out/training-gpu-sdxl.log"
+  status=${PIPESTATUS[0]}
+  cp benchmarks/results/training-gpu-sdxl.json benchmarks/results/training-gpu-sdxl.md "$out/" 2>/dev/null
+  tail -c 20000 /tmp/training/log-*.txt > "$out/training-children.log" 2>/dev/null
   exit "$status"
 fi
 if [ "$bench" = guidance ]; then

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -117,3 +118,21 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(photos, private_h
     assert stopped_at > 0 and not LoraLibrary().exists("mira")
     invoke(["train", "mira", "--resume", "--steps", str(stopped_at + 2)])
     assert LoraLibrary().get("mira").steps == stopped_at + 2
+
+
+def test_several_processes_train_one_lora_through_torch_distributed(photos, private_home):
+    """`torchrun` (what `accelerate launch --multi_gpu` runs) with 2 CPU processes: accelerate wraps the UNet in
+    DDP, each process draws its own micro-batches, the losses are averaged over both, and one file is written."""
+    with socket.socket() as probe:  # a free port for the processes' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", port,
+               "-m", "engine.cli", "train", "duo", str(photos), "--trigger", TRIGGER, "--steps", "3", "--device", "cpu",
+               *FAST]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained: duo") == 1, done.stdout
+    info = LoraLibrary().get("duo")
+    assert info.steps == 3 and info.trained_by_refgen

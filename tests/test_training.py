@@ -16,9 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import generators
+from lora_layouts import KOHYA_PREFIXES, sgm_module_name
 from engine import Engine, GenerationRequest, LoraSpec
 from engine.training import (
-    TrainingDataError, TrainingError, TrainingRequest, load_dataset, prepare_training, train_lora,
+    TrainingDataError, TrainingRequest, load_dataset, prepare_training, train_lora,
 )
 
 RESOLUTION = 64  # 8x8 latents: a training step of the tiny UNet takes milliseconds
@@ -131,7 +132,7 @@ def test_saved_file_is_kohya_layout_with_training_metadata(trained):
     assert keys and all(key.startswith("lora_unet_") for key in keys)
     downs = [k for k in keys if k.endswith(".lora_down.weight")]
     assert downs and len(downs) == sum(k.endswith(".lora_up.weight") for k in keys) == sum(k.endswith(".alpha") for k in keys)
-    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys  # sd-scripts' SGM names
     assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     assert (metadata["ss_network_dim"], metadata["ss_network_alpha"], metadata["ss_max_train_steps"]) == ("8", "8.0", "250")
     assert metadata["ss_resolution"] == "(64, 64)" and metadata["ss_seed"] == "7"
@@ -139,6 +140,60 @@ def test_saved_file_is_kohya_layout_with_training_metadata(trained):
     refgen = json.loads(metadata["refgen_training"])
     assert len(refgen["dataset"]) == 8 and all(len(entry["sha256"]) == 64 for entry in refgen["dataset"])
     assert refgen["seed"] == 7 and refgen["request"]["rank"] == 8 and "diffusers" in refgen["packages"]
+
+
+def assert_every_layer_lands_where_it_was_trained(result, tiny_model_dir) -> None:
+    """The file's sd-scripts names are the published spelling of the trained layers (the tests' own SGM mapper,
+    written from Stability's UNet definition; `lora_te1/2_text_model_...`), and diffusers' kohya loader puts
+    each factor back on the layer it came from: equal to the factors in the run's last checkpoint."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir), local_files_only=True)
+    last = load_file(str(sorted((result.run_dir / "checkpoints").glob("step-*.safetensors"))[-1]))
+    factors = {key[len("lora/"):].replace(".default", ""): value for key, value in last.items() if key.startswith("lora/")}
+    expected = set()
+    for key in factors:
+        part, module = key.split(".", 1)
+        module = module.rsplit(".lora_", 1)[0]
+        if part == "unet":
+            expected.add("lora_unet_" + sgm_module_name(module, pipe.unet.config).replace(".", "_"))
+        else:
+            spelled = module if module.startswith("text_model.") else f"text_model.{module}"
+            expected.add(f"{KOHYA_PREFIXES[part]}_{spelled.replace('.', '_')}")
+    with safe_open(str(result.path), framework="pt") as file:
+        assert {key.rsplit(".", 2)[0] for key in file.keys()} == expected
+
+    pipe.load_lora_weights(str(result.path), adapter_name="trained")
+    loaded = {part: getattr(pipe, part).state_dict() for part in ("unet", "text_encoder", "text_encoder_2")}
+    for key, value in factors.items():
+        part, module = key.split(".", 1)
+        name, factor = module.rsplit(".lora_", 1)
+        assert torch.equal(loaded[part][f"{name}.lora_{factor.replace('weight', 'trained.weight')}"], value), key
+
+
+def test_every_layer_lands_where_it_was_trained(trained, tiny_model_dir):
+    assert_every_layer_lands_where_it_was_trained(trained, tiny_model_dir)
+
+
+def test_text_encoder_training_adds_both_encoders_layers_that_land_where_trained(dataset, tiny_model_dir, tmp_path):
+    request = request_for(dataset, tiny_model_dir, steps=6, train_text_encoder=True, text_encoder_learning_rate=5e-3)
+    result = train(request, tmp_path)
+    with safe_open(str(result.path), framework="pt") as file:
+        keys, metadata = set(file.keys()), file.metadata()
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert "lora_te2_text_model_encoder_layers_1_self_attn_out_proj.lora_up.weight" in keys
+    assert metadata["ss_network_train_unet_only"] == "False" and metadata["ss_text_encoder_lr"] == "0.005"
+    assert_every_layer_lands_where_it_was_trained(result, tiny_model_dir)
+
+
+def test_with_text_encoders_training_the_first_step_sees_the_cached_conditioning(dataset, tiny_model_dir, tmp_path):
+    """Fresh LoRAs change nothing (their up factors are zero), so encoding the captions at the step gives the
+    loss of the cached conditioning; after a few steps the trained encoders make a difference."""
+    unet_only = train(request_for(dataset, tiny_model_dir, steps=4), tmp_path / "unet")
+    with_text = train(request_for(dataset, tiny_model_dir, steps=4, train_text_encoder=True,
+                                  text_encoder_learning_rate=5e-2), tmp_path / "text")
+    assert with_text.losses[0] == pytest.approx(unet_only.losses[0], rel=1e-6)
+    assert with_text.losses[-1] != pytest.approx(unet_only.losses[-1], rel=1e-6)
 
 
 def test_trained_lora_loads_in_refgen_and_diffusers_to_the_same_pixels(trained, tiny_model_dir):
@@ -224,11 +279,6 @@ def test_caption_file_is_used_and_the_trigger_prepended(dataset, tiny_model_dir)
     images, _ = load_dataset(request_for(dataset, tiny_model_dir))
     assert images[0].caption == f"{TRIGGER}, a close-up portrait, studio light"
     assert {image.caption for image in images[1:]} == {TRIGGER}
-
-
-def test_text_encoder_training_is_refused_as_not_yet_supported(dataset, tiny_model_dir):
-    with pytest.raises(TrainingError, match="not yet supported"):
-        prepare_training(request_for(dataset, tiny_model_dir, train_text_encoder=True), device="cpu", dtype="fp32")
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", ""])

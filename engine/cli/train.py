@@ -2,7 +2,8 @@
 
 Ctrl-C during training saves a checkpoint and exits with code 130; `refgen train NAME --resume` continues
 the run bit-identically (same device, same thread count). Several GPUs:
-`accelerate launch -m engine.cli train NAME IMAGES...`.
+`accelerate launch --multi_gpu --num_processes N -m engine.cli train NAME IMAGES...` (or torchrun; on CPUs
+`torchrun --nproc_per_node N -m engine.cli train ... --device cpu`, as the tests do).
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def train(
             console.print(f"[yellow]stopped:[/yellow] {escape(str(stopped))}\nresume with: refgen train {escape(name)} --resume",
                           soft_wrap=True)
             raise typer.Exit(code=130)
+        if not result.main_process:
+            return  # one process of `accelerate launch` / torchrun reports; the others trained alongside it
         if request.character:
             _link_character(request.character, name)
     for warning in result.report.warnings:

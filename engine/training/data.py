@@ -62,6 +62,7 @@ class EncodedDataset:
     pooled_embeds: torch.Tensor  # (N, projection)
     time_ids: torch.Tensor  # (N, 6): original size, crop top-left, target size
     buckets: list[tuple[int, int]]  # per image (width, height)
+    captions: list[str]  # per image (encoded again at each step when the text encoders train)
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -223,13 +224,15 @@ def encode_dataset(pipe, images: list[TrainingImage], device: torch.device) -> E
     pipe.vae.to("cpu")
     for encoder in (pipe.text_encoder, pipe.text_encoder_2):
         encoder.to(device, torch.float32)
-    embeds, pooled = zip(*(_text(pipe, image.caption, device) for image in images))
+    encoders = (pipe.text_encoder, pipe.text_encoder_2)
+    tokenizers = (pipe.tokenizer, pipe.tokenizer_2)
+    embeds, pooled = zip(*(encode_captions(tokenizers, encoders, [image.caption], device) for image in images))
     for encoder in (pipe.text_encoder, pipe.text_encoder_2):
         encoder.to("cpu")
     time_ids = torch.tensor([[*image.original_size, *image.crop_top_left, *image.pixels.size[::-1]] for image in images],
                             dtype=torch.float32)
     return EncodedDataset(latents, torch.cat(embeds).cpu(), torch.cat(pooled).cpu(), time_ids,
-                          [image.bucket for image in images])
+                          [image.bucket for image in images], [image.caption for image in images])
 
 
 def _latent(vae, image: Image.Image, device: torch.device) -> torch.Tensor:
@@ -237,8 +240,15 @@ def _latent(vae, image: Image.Image, device: torch.device) -> torch.Tensor:
     return (vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)[0]
 
 
-def _text(pipe, caption: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both SDXL encoders through the pipeline's own encode_prompt (penultimate hidden states, pooled)."""
-    embeds, _, pooled, _ = pipe.encode_prompt(prompt=caption, device=device, num_images_per_prompt=1,
-                                              do_classifier_free_guidance=False)
-    return embeds, pooled
+def encode_captions(tokenizers, encoders, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning, as its pipeline computes it: both encoders' penultimate hidden states side by
+    side, and the second encoder's pooled projection. `encoders` may be wrapped (DDP) when they train."""
+    embeds, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, encoders):
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        output = encoder(ids, output_hidden_states=True)
+        if output[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds: the pooled conditioning
+            pooled = output[0]
+        embeds.append(output.hidden_states[-2])
+    return torch.cat(embeds, dim=-1), pooled

@@ -19,6 +19,7 @@ from .data import EncodedDataset
 from .request import TrainingError, TrainingRequest
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # diffusers' SDXL DreamBooth script's UNet targets
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # and its text-encoder targets
 
 
 @dataclass
@@ -28,6 +29,15 @@ class TrainingBatch:
     timesteps: torch.Tensor
     prompt_embeds: torch.Tensor
     added_cond: dict  # {"text_embeds", "time_ids"}, the UNet's added_cond_kwargs
+    captions: list[str]
+
+
+@dataclass
+class TextEncoders:
+    """The two CLIP encoders while they train (possibly DDP-wrapped) and their tokenizers."""
+
+    tokenizers: tuple
+    encoders: tuple
 
 
 def draw_generator(seed: int, purpose: str, index: int) -> torch.Generator:
@@ -73,14 +83,21 @@ def micro_batch(dataset: EncodedDataset, plan: BatchPlan, index: int, num_train_
     timesteps = torch.randint(0, num_train_timesteps, (len(chosen),), generator=generator)
     added = {"text_embeds": dataset.pooled_embeds[chosen].to(device), "time_ids": dataset.time_ids[chosen].to(device)}
     return TrainingBatch(latents.to(device), noise.to(device), timesteps.to(device),
-                         dataset.prompt_embeds[chosen].to(device), added)
+                         dataset.prompt_embeds[chosen].to(device), added, [dataset.captions[i] for i in chosen.tolist()])
 
 
-def training_loss(unet, scheduler, batch: TrainingBatch, dtype: torch.dtype) -> torch.Tensor:
-    """MSE between the UNet's prediction and its target: the noise (epsilon) or the velocity (v)."""
+def training_loss(unet, scheduler, batch: TrainingBatch, dtype: torch.dtype,
+                  text: "TextEncoders | None" = None) -> torch.Tensor:
+    """MSE between the UNet's prediction and its target: the noise (epsilon) or the velocity (v). With `text`
+    (the encoders train), the captions are encoded now, with gradients, instead of read from the cache."""
+    from .data import encode_captions
+
+    embeds, added = batch.prompt_embeds, dict(batch.added_cond)
+    if text is not None:
+        embeds, added["text_embeds"] = encode_captions(text.tokenizers, text.encoders, batch.captions, batch.latents.device)
     noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-    added = {key: value.to(dtype) for key, value in batch.added_cond.items()}
-    prediction = unet(noisy.to(dtype), batch.timesteps, batch.prompt_embeds.to(dtype),
+    added = {key: value.to(dtype) for key, value in added.items()}
+    prediction = unet(noisy.to(dtype), batch.timesteps, embeds.to(dtype),
                       added_cond_kwargs=added, return_dict=False)[0]
     return F.mse_loss(prediction.float(), _target(scheduler, batch).float(), reduction="mean")
 
@@ -94,35 +111,42 @@ def _target(scheduler, batch: TrainingBatch) -> torch.Tensor:
     raise TrainingError(f"the base model's prediction_type {kind!r} is not supported (epsilon or v_prediction)")
 
 
-def add_lora(unet, request: TrainingRequest) -> dict[str, torch.nn.Parameter]:
-    """peft's LoRA on the attention projections, as diffusers' script adds it; returns the trainable
-    parameters by name. peft draws the gaussian lora_A init from torch's global RNG: it is redrawn here,
-    same distribution (std 1/r), from the run's own draw, so the seed alone fixes the run."""
+def add_lora(model, request: TrainingRequest, targets: list[str], part: str) -> dict[str, torch.nn.Parameter]:
+    """peft's LoRA on `targets` of `model` (the UNet or a text encoder), as diffusers' script adds it; returns
+    the trainable parameters by name, prefixed with `part`. peft draws the gaussian lora_A init from torch's
+    global RNG: it is redrawn here, same distribution (std 1/r), from the run's own draw, so the seed alone
+    fixes the run."""
     from peft import LoraConfig
 
-    unet.requires_grad_(False)
+    model.requires_grad_(False)
     config = LoraConfig(r=request.rank, lora_alpha=request.network_alpha, init_lora_weights="gaussian",
-                        target_modules=LORA_TARGETS)
-    unet.add_adapter(config)
-    generator = draw_generator(request.seed, "lora-init", 0)
+                        target_modules=targets)
+    model.add_adapter(config)
+    generator = draw_generator(request.seed, f"lora-init/{part}", 0)
     trainable = {}
-    for name, parameter in unet.named_parameters():
+    for name, parameter in model.named_parameters():
         if "lora_" not in name:
             continue
         parameter.data = parameter.data.float()  # LoRA factors train in fp32 over frozen bf16/fp32 weights
         if "lora_A" in name:
             parameter.data.copy_(torch.randn(parameter.shape, generator=generator) / request.rank)
         parameter.requires_grad_(True)
-        trainable[name] = parameter
+        trainable[f"{part}.{name}"] = parameter
     return trainable
 
 
-def make_optimizer(request: TrainingRequest, parameters: list[torch.nn.Parameter], device: torch.device):
-    """AdamW (diffusers' script's defaults: betas 0.9/0.999, weight decay 1e-4, eps 1e-8); 8-bit AdamW from
-    bitsandbytes on CUDA, which keeps the two moment tensors in 8 bits (about 3/4 less optimizer memory)."""
-    settings = dict(lr=request.learning_rate, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+def make_optimizer(request: TrainingRequest, trainable: dict[str, torch.nn.Parameter], device: torch.device):
+    """AdamW (diffusers' script's defaults: betas 0.9/0.999, weight decay 1e-4, eps 1e-8), the text encoders'
+    LoRAs in a group of their own at text_encoder_learning_rate; 8-bit AdamW from bitsandbytes on CUDA, which
+    keeps the two moment tensors in 8 bits (about 3/4 less optimizer memory)."""
+    unet = [p for name, p in trainable.items() if name.startswith("unet.")]
+    text = [p for name, p in trainable.items() if not name.startswith("unet.")]
+    groups = [{"params": unet, "lr": request.learning_rate}]
+    if text:
+        groups.append({"params": text, "lr": request.text_encoder_learning_rate})
+    settings = dict(betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
     if request.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, **settings)
+        return torch.optim.AdamW(groups, **settings)
     if device.type != "cuda":
         raise TrainingError("optimizer 'adamw8bit' needs a CUDA GPU (bitsandbytes); use optimizer='adamw' here")
     try:
@@ -130,4 +154,4 @@ def make_optimizer(request: TrainingRequest, parameters: list[torch.nn.Parameter
     except ImportError as exc:
         raise TrainingError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes "
                             "(or use optimizer='adamw')") from exc
-    return bitsandbytes.optim.AdamW8bit(parameters, **settings)
+    return bitsandbytes.optim.AdamW8bit(groups, **settings)

@@ -1,5 +1,5 @@
-"""The trained LoRA as one `.safetensors` file: kohya keys (A1111, ComfyUI and diffusers' kohya converter read
-them), kohya's `ss_*` metadata (what model sites and UIs show) and refgen's training record."""
+"""The trained LoRA as one `.safetensors` file: kohya-ss sd-scripts' keys (A1111, ComfyUI and diffusers' kohya
+converter read them), kohya's `ss_*` metadata (what model sites and UIs show) and refgen's training record."""
 
 from __future__ import annotations
 
@@ -12,17 +12,55 @@ from ..images import write_atomic
 from ..provenance import package_versions
 
 
-def kohya_state_dict(unet, alpha: float) -> dict[str, torch.Tensor]:
-    """peft's state dict -> kohya keys (`lora_unet_<diffusers module path>.lora_down.weight`, `.lora_up`,
-    `.alpha`) through diffusers' own converter, the way its training script's --output_kohya_format does.
-    The converter writes alpha = rank; the request's alpha replaces it."""
-    from diffusers.utils import convert_state_dict_to_kohya
+def kohya_state_dict(unet, alpha: float, text_encoders: tuple = ()) -> dict[str, torch.Tensor]:
+    """peft's trained factors -> kohya-ss sd-scripts' SDXL names, the layout A1111, ComfyUI, model sites and
+    diffusers' own kohya converter read: `lora_unet_<SGM module path>`, `lora_te1_` / `lora_te2_` +
+    `text_model_...`, each with `.lora_down.weight` (A), `.lora_up.weight` (B) and `.alpha`."""
     from peft import get_peft_model_state_dict
 
-    peft_state = {f"unet.{key}": value for key, value in get_peft_model_state_dict(unet).items()}
-    state = convert_state_dict_to_kohya(peft_state)
-    return {key: (torch.tensor(alpha) if key.endswith(".alpha") else value.detach().float().cpu().contiguous())
-            for key, value in state.items()}
+    named = [(lambda module: sd_scripts_unet_name(module, unet.config), unet)]
+    named += [(lambda module, prefix=f"lora_te{number}": sd_scripts_text_name(module, prefix), encoder)
+              for number, encoder in enumerate(text_encoders, start=1)]
+    state: dict[str, torch.Tensor] = {}
+    for name_of, model in named:
+        for key, value in get_peft_model_state_dict(model).items():
+            module, factor = key.rsplit(".lora_", 1)
+            name = name_of(module)
+            state[f"{name}.{'lora_down' if factor.startswith('A') else 'lora_up'}.weight"] = value.detach().float().cpu().contiguous()
+            state[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return state
+
+
+def sd_scripts_unet_name(module: str, config) -> str:
+    """A diffusers UNet attention-block module -> its sd-scripts LoRA name, numbered as Stability's original
+    (SGM) UNet numbers its blocks: input_blocks.0 is conv_in, each down level has layers_per_block [resnet,
+    transformer] blocks plus a downsampler block; middle_block.1 is the transformer; each up level has
+    layers_per_block + 1 blocks. `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` ->
+    `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q` (SDXL)."""
+    parts = module.split(".")
+    levels = len(config.block_out_channels)
+    per_level = config.layers_per_block
+    per_level = list(per_level) if isinstance(per_level, (list, tuple)) else [per_level] * levels
+    if parts[0] == "mid_block" and parts[1] == "attentions":
+        block, rest = "middle_block.1", parts[3:]
+    elif parts[0] in ("down_blocks", "up_blocks") and parts[2] == "attentions":
+        level, index = int(parts[1]), int(parts[3])
+        if parts[0] == "down_blocks":
+            block = f"input_blocks.{1 + sum(per_level[i] + 1 for i in range(level)) + index}.1"
+        else:
+            up_per_level = [count + 1 for count in reversed(per_level)]
+            block = f"output_blocks.{sum(up_per_level[:level]) + index}.1"
+        rest = parts[4:]
+    else:
+        raise ValueError(f"{module} is not inside a UNet attention block: sd-scripts has no name for it here")
+    return "lora_unet_" + ".".join([block, *rest]).replace(".", "_")
+
+
+def sd_scripts_text_name(module: str, prefix: str) -> str:
+    """A CLIP text-encoder module -> `lora_te1_text_model_encoder_layers_0_self_attn_q_proj` (transformers 5
+    dropped CLIPTextModel's `text_model` level; sd-scripts' names keep it)."""
+    path = module if module.startswith("text_model.") else f"text_model.{module}"
+    return f"{prefix}_{path.replace('.', '_')}"
 
 
 def training_metadata(request, images, report, steps: int) -> dict[str, str]:
@@ -57,8 +95,8 @@ def training_metadata(request, images, report, steps: int) -> dict[str, str]:
         "ss_epoch": str(request.epochs or 0),
         "ss_learning_rate": str(request.learning_rate),
         "ss_unet_lr": str(request.learning_rate),
-        "ss_text_encoder_lr": "0",
-        "ss_network_train_unet_only": "True",
+        "ss_text_encoder_lr": str(request.text_encoder_learning_rate if request.train_text_encoder else 0),
+        "ss_network_train_unet_only": str(not request.train_text_encoder),
         "ss_train_batch_size": str(request.batch_size),
         "ss_gradient_accumulation_steps": str(request.gradient_accumulation),
         "ss_gradient_checkpointing": str(request.gradient_checkpointing),
@@ -73,8 +111,9 @@ def training_metadata(request, images, report, steps: int) -> dict[str, str]:
     }
 
 
-def save_lora(unet, request, images, report, steps: int, path: Path) -> Path:
+def save_lora(unet, request, images, report, steps: int, path: Path, text_encoders: tuple = ()) -> Path:
     from safetensors.torch import save
 
-    data = save(kohya_state_dict(unet, request.network_alpha), metadata=training_metadata(request, images, report, steps))
+    data = save(kohya_state_dict(unet, request.network_alpha, text_encoders),
+                metadata=training_metadata(request, images, report, steps))
     return write_atomic(path, data)

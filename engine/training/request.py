@@ -18,7 +18,7 @@ MIN_IMAGES, MAX_IMAGES, RECOMMENDED_IMAGES = 5, 200, 10
 # checkpoint cadence) may change between the interrupted run and the resumed one.
 RECIPE_FIELDS = ("images", "trigger", "base_model", "rank", "alpha", "learning_rate", "batch_size",
                  "gradient_accumulation", "resolution", "bucketing", "crop", "seed", "optimizer", "precision",
-                 "gradient_checkpointing", "train_text_encoder", "skip_bad")
+                 "gradient_checkpointing", "train_text_encoder", "text_encoder_learning_rate", "skip_bad")
 
 
 class TrainingError(RefgenError):
@@ -65,9 +65,10 @@ class TrainingRequest(BaseModel):
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on a GPU, fp32 on the CPU
     gradient_checkpointing: bool = True
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    train_text_encoder: bool = False
+    train_text_encoder: bool = False  # LoRAs on both CLIP encoders' attention too (captions encoded every step)
+    text_encoder_learning_rate: float = Field(default=5e-6, gt=0, le=1.0)  # diffusers' script's text_encoder_lr
     skip_bad: bool = False  # skip unreadable or too small images (reported) instead of stopping
-    checkpoint_every: int = Field(default=250, ge=0)  # 0: only when stopped
+    checkpoint_every: int = Field(default=250, ge=0)  # 0: only when stopped and at the end
     keep_checkpoints: int = Field(default=2, ge=1)
     sample_prompts: list[str] = Field(default_factory=list, max_length=16)
     sample_every: int = Field(default=0, ge=0)  # 0: samples only at the end (when prompts are given)

@@ -24,7 +24,7 @@ from .. import paths
 from ..devices import pick_device
 from . import checkpoint as checkpoints
 from .data import DatasetReport, EncodedDataset, TrainingImage, encode_dataset, load_dataset
-from .loop import BatchPlan, add_lora, make_optimizer, micro_batch, training_loss
+from .loop import LORA_TARGETS, TEXT_LORA_TARGETS, BatchPlan, TextEncoders, add_lora, make_optimizer, micro_batch, training_loss
 from .output import save_lora
 from .request import TrainingError, TrainingInterrupted, TrainingProgress, TrainingRequest
 
@@ -47,7 +47,8 @@ class TrainingSetup:
     device: torch.device
     dtype: torch.dtype
     plan: BatchPlan
-    trainable: dict[str, torch.nn.Parameter]
+    trainable: dict[str, torch.nn.Parameter]  # "unet.<name>", "text_encoder.<name>", "text_encoder_2.<name>"
+    text_encoders: tuple = ()  # the two CLIP encoders when they train
 
     @property
     def total_steps(self) -> int:
@@ -65,6 +66,7 @@ class TrainingResult:
     steps: int = 0
     run_dir: Optional[Path] = None
     samples: list[Path] = field(default_factory=list)
+    main_process: bool = True  # False in the other processes of a several-process run (they write nothing)
 
 
 def default_run_dir(name: str) -> Path:
@@ -81,21 +83,44 @@ def prepare_training(request: TrainingRequest, *, device=None, dtype=None) -> Tr
 
     from ..loading import load_pipeline
 
-    if request.train_text_encoder:
-        raise TrainingError("train_text_encoder=True is not yet supported: this version trains the UNet only")
     device, dtype = training_device(request, device, dtype)
     locator, note = _face_locator(request.crop, device)
     images, report = load_dataset(request, locator, note)
     pipe, _ = load_pipeline(request.base_model, torch.float32)
     dataset = encode_dataset(pipe, images, device)
     unet = pipe.unet.to(device, dtype)
-    trainable = add_lora(unet, request)
+    trainable = add_lora(unet, request, LORA_TARGETS, "unet")
     if request.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
+    text_encoders = _trainable_text_encoders(pipe, request, device, dtype, trainable) if request.train_text_encoder else ()
+    _release_unneeded(pipe, request)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     plan = BatchPlan(dataset.buckets, request.batch_size, request.seed)
-    return TrainingSetup(request, pipe, unet, scheduler, dataset, report, images, device, dtype, plan, trainable)
+    return TrainingSetup(request, pipe, unet, scheduler, dataset, report, images, device, dtype, plan, trainable,
+                         text_encoders)
+
+
+def _release_unneeded(pipe, request: TrainingRequest) -> None:
+    """Drop what the loop never touches once everything is encoded: full-size SDXL's fp32 VAE and text encoders
+    are about 3.5 GB of host memory. Samples need all of them; text-encoder training keeps the encoders."""
+    if request.sample_prompts:
+        return
+    pipe.vae = None
+    if not request.train_text_encoder:
+        pipe.text_encoder = pipe.text_encoder_2 = None
+
+
+def _trainable_text_encoders(pipe, request: TrainingRequest, device, dtype, trainable: dict) -> tuple:
+    """Both CLIP encoders on the training device with LoRAs on their attention (q/k/v/out projections)."""
+    encoders = (pipe.text_encoder, pipe.text_encoder_2)
+    for part, encoder in zip(("text_encoder", "text_encoder_2"), encoders):
+        encoder.to(device, dtype)
+        trainable.update(add_lora(encoder, request, TEXT_LORA_TARGETS, part))
+        if request.gradient_checkpointing:
+            encoder.gradient_checkpointing_enable()
+        encoder.train()
+    return encoders
 
 
 def training_device(request: TrainingRequest, device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
@@ -153,17 +178,19 @@ def train_lora(request: TrainingRequest, out_dir: Union[str, Path, None] = None,
     _check_fresh(request, destination, run_dir, overwrite, resume)
     setup = prepare_training(request, device=device, dtype=dtype)
     accelerator = _accelerator(request, setup.device)
-    optimizer = make_optimizer(request, list(setup.trainable.values()), setup.device)
+    optimizer = make_optimizer(request, setup.trainable, setup.device)
     start, losses = _resume_point(setup, run_dir, optimizer, resume)
-    unet, optimizer = accelerator.prepare(setup.unet, optimizer)
-    loop = Loop(setup, accelerator, unet, optimizer, run_dir, losses)
+    unet, *text_encoders, optimizer = accelerator.prepare(setup.unet, *setup.text_encoders, optimizer)
+    loop = Loop(setup, accelerator, unet, optimizer, run_dir, losses, tuple(text_encoders))
     with _ctrl_c_stops() as pressed:
         loop.run(start, progress, on_step, lambda: pressed() or bool(stop and stop()))
     if accelerator.is_main_process:
-        save_lora(accelerator.unwrap_model(unet), request, setup.images, setup.report, setup.total_steps, destination)
+        save_lora(accelerator.unwrap_model(unet), request, setup.images, setup.report, setup.total_steps, destination,
+                  tuple(accelerator.unwrap_model(encoder) for encoder in text_encoders))
         log.info("LoRA %s saved: %s", request.name, destination)
     accelerator.wait_for_everyone()
-    return TrainingResult(destination, loop.losses, setup.report, setup.total_steps, run_dir, loop.samples)
+    return TrainingResult(destination, loop.losses, setup.report, setup.total_steps, run_dir, loop.samples,
+                          accelerator.is_main_process)
 
 
 def _check_fresh(request: TrainingRequest, destination: Path, run_dir: Path, overwrite: bool, resume: bool) -> None:
@@ -196,10 +223,13 @@ def _accelerator(request: TrainingRequest, device: torch.device):
     """accelerate for gradient accumulation and several processes. Precision is the frozen weights' dtype with
     fp32 LoRA factors (no autocast), so accelerate's process-wide mixed-precision setting stays untouched and
     runs of different precisions can follow each other in one process (a server)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
+    # Text encoder 1's last layer feeds nothing SDXL reads (the penultimate hidden states are the conditioning):
+    # its LoRA gets no gradient, which DDP must be told about.
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if request.train_text_encoder else []
     try:
-        return Accelerator(gradient_accumulation_steps=request.gradient_accumulation,
+        return Accelerator(gradient_accumulation_steps=request.gradient_accumulation, kwargs_handlers=handlers,
                            cpu=device.type == "cpu", device_placement=False)
     except ValueError as exc:  # accelerate's state is per process: e.g. a CUDA run after a CPU one
         raise TrainingError(f"accelerate cannot run this training in this process ({exc}); start a new process") from exc
@@ -230,9 +260,11 @@ def _ctrl_c_stops() -> Iterator[Callable[[], bool]]:
 class Loop:
     """The optimizer steps of one run, with its checkpoints and samples."""
 
-    def __init__(self, setup: TrainingSetup, accelerator, unet, optimizer, run_dir: Path, losses: list[float]):
+    def __init__(self, setup: TrainingSetup, accelerator, unet, optimizer, run_dir: Path, losses: list[float],
+                 text_encoders: tuple = ()):
         self.setup, self.accelerator, self.unet, self.optimizer = setup, accelerator, unet, optimizer
         self.run_dir, self.losses = run_dir, losses
+        self.text = TextEncoders((setup.pipe.tokenizer, setup.pipe.tokenizer_2), text_encoders) if text_encoders else None
         self.samples: list[Path] = []
 
     def run(self, start: int, progress: bool, on_step, should_stop: Callable[[], bool]) -> None:
@@ -271,8 +303,8 @@ class Loop:
         total = torch.zeros((), device=setup.device)
         for micro in range(accumulation):
             index = (step * accumulation + micro) * accelerator.num_processes + accelerator.process_index
-            with accelerator.accumulate(self.unet):
-                loss = training_loss(self.unet, setup.scheduler, setup.micro_batch(index), setup.dtype)
+            with accelerator.accumulate(self.unet, *(self.text.encoders if self.text else ())):
+                loss = training_loss(self.unet, setup.scheduler, setup.micro_batch(index), setup.dtype, self.text)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(list(setup.trainable.values()), MAX_GRAD_NORM)

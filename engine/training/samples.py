@@ -25,6 +25,7 @@ def write_samples(setup, unet, step: int, run_dir: Path) -> list[Path]:
         tokenizer_2=pipe.tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler.from_config(pipe.scheduler.config))
     sampler.set_progress_bar_config(disable=True)
     components = (pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
+    homes = [next(module.parameters()).device for module in components]  # training text encoders stay on the GPU
     for module in components:
         module.to(device)
     unet.eval()
@@ -39,6 +40,6 @@ def write_samples(setup, unet, step: int, run_dir: Path) -> list[Path]:
             written.append(write_atomic(run_dir / "samples" / f"step-{step:06d}-{index}.png", buffer.getvalue()))
     finally:
         unet.train()
-        for module in components:
-            module.to("cpu")
+        for module, home in zip(components, homes):
+            module.to(home)
     return written
