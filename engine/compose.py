@@ -109,3 +109,18 @@ def face_locator(device: str = "cpu", pack: str = "antelopev2") -> Optional[Call
         return tuple(float(v) for v in faces[0].bbox) if faces else None
 
     return largest_face
+
+
+def character_trigger(name: str) -> tuple[str, str]:
+    """For training from a saved character: (its stored name, its identity anchor, or the name when it has none)."""
+    from adapters.characters import CharacterStore
+
+    character = CharacterStore().get(name)
+    return character.name, character.anchor or character.name
+
+
+def link_character_lora(name: str, lora: str) -> None:
+    """Point the character's profile at its LoRA in the LoRA library."""
+    from adapters.characters import CharacterStore
+
+    CharacterStore().set_lora(name, lora)

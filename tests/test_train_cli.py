@@ -136,3 +136,16 @@ def test_several_processes_train_one_lora_through_torch_distributed(photos, priv
     assert done.stdout.count("trained: duo") == 1, done.stdout
     info = LoraLibrary().get("duo")
     assert info.steps == 3 and info.trained_by_refgen
+
+
+def test_the_library_fills_the_trigger_from_a_character_and_links_it(mira, photos, tmp_path):
+    from adapters.characters import CharacterStore, UnknownCharacterError
+    from engine.training import TrainingRequest, train_lora
+
+    request = TrainingRequest(images=photos, name="mira-lib", character="mira", base_model="tiny", steps=2,
+                              resolution=64, crop="centre", rank=4)
+    result = train_lora(request, run_dir=tmp_path / "run", device="cpu", progress=False)
+    assert (result.request.character, result.request.trigger) == ("Mira", "mira, red bob")
+    assert CharacterStore().get("Mira").lora == "mira-lib"
+    with pytest.raises(UnknownCharacterError, match="unknown character 'Nobody'; known: Mira"):
+        train_lora(request.model_copy(update={"name": "other", "character": "Nobody"}), progress=False)

@@ -25,6 +25,7 @@ from engine import Engine, GenerationRequest, LoraLibrary
 from engine.training import TrainingError, TrainingInterrupted, TrainingRequest, bucket_sizes, load_dataset, train_lora
 from engine.training.checkpoint import checkpoints, read_checkpoint
 from engine.training.data import cover_crop, nearest_bucket
+from engine.lora_library import read_metadata
 from engine.training.loop import BatchPlan
 from test_training import (  # noqa: F401  (one_thread: the module-wide fixture, reused)
     RESOLUTION, TRIGGER, one_thread, request_for, structured_image, train, write_dataset,
@@ -299,3 +300,42 @@ def test_a_trained_lora_lands_in_the_library_and_a_request_names_it(photos, tiny
     by_path = engine.generate(GenerationRequest(**settings, loras=[f"{result.path}:0.9"]))
     assert np.array_equal(by_name.pixels, by_path.pixels)
     assert by_name.metadata[0]["loras"][0]["path"] == str(result.path)
+
+
+# -- prior preservation ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def class_folder(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("class"), 4, first_seed=40)
+
+
+def test_prior_preservation_at_weight_zero_is_exactly_the_run_without_it(photos, class_folder, tiny_model_dir, tmp_path):
+    """The class term is added to the loss, drawn from its own (seed, step) stream: at weight 0 nothing else
+    moves; at weight 1 the loss and the weights change, and the file counts the class images."""
+    plain = train(request_for(photos, tiny_model_dir, steps=4), tmp_path / "plain")
+    prior = dict(class_images=class_folder, class_prompt="a photo of a person")
+    zero = train(request_for(photos, tiny_model_dir, steps=4, prior_loss_weight=0, **prior), tmp_path / "zero")
+    one = train(request_for(photos, tiny_model_dir, steps=4, **prior), tmp_path / "one")
+    assert zero.losses == plain.losses
+    assert_same_tensors(lora_tensors(zero.path), lora_tensors(plain.path))
+    assert one.losses[0] > plain.losses[0], "the first step adds a class loss to the same instance loss"
+    assert any(not torch.equal(a, b) for a, b in zip(lora_tensors(one.path).values(), lora_tensors(plain.path).values()))
+
+    assert read_metadata(one.path)["ss_num_reg_images"] == "4"
+
+
+def test_missing_class_images_are_drawn_by_the_base_model_once(photos, tiny_model_dir, tmp_path):
+    folder = write_dataset(tmp_path / "class", 2, first_seed=60)
+    request = request_for(photos, tiny_model_dir, steps=1, class_images=folder, class_prompt="a photo of a person",
+                          num_class_images=4)
+    first = train(request, tmp_path / "first")
+    assert [Path(p).name for p in first.report.generated] == ["class-0000.png", "class-0001.png"]
+    with Image.open(folder / "class-0000.png") as image:
+        assert image.size == (RESOLUTION, RESOLUTION)
+    assert train(request, tmp_path / "second").report.generated == []
+
+
+def test_prior_preservation_needs_both_the_folder_and_the_prompt(photos, class_folder, tiny_model_dir):
+    with pytest.raises(ValueError, match="class_images .* and class_prompt"):
+        request_for(photos, tiny_model_dir, class_images=class_folder)

@@ -25,7 +25,7 @@ loras_app = typer.Typer(help="The local LoRA library ($REFGEN_HOME/loras): what 
 
 # Request field -> the option a user types, so validation errors name the flag.
 TRAIN_FLAGS = {
-    "images": "IMAGES", "name": "NAME", "trigger": "--trigger", "base_model": "--model", "rank": "--rank",
+    "images": "IMAGES", "name": "NAME", "trigger": "--trigger", "character": "--character", "base_model": "--model", "rank": "--rank",
     "alpha": "--alpha", "steps": "--steps", "epochs": "--epochs", "learning_rate": "--lr",
     "batch_size": "--batch-size", "gradient_accumulation": "--accumulate", "resolution": "--resolution",
     "crop": "--crop", "seed": "--seed", "precision": "--precision", "optimizer": "--optimizer",
@@ -96,8 +96,6 @@ def train(
             raise typer.Exit(code=130)
         if not result.main_process:
             return  # one process of `accelerate launch` / torchrun reports; the others trained alongside it
-        if request.character:
-            _link_character(request.character, name)
     for warning in result.report.warnings:
         console.print(f"[yellow]note:[/yellow] {escape(warning)}", soft_wrap=True)
     for skipped in result.report.skipped:
@@ -107,7 +105,9 @@ def train(
                   soft_wrap=True)
     for path in result.samples[-len(request.sample_prompts):] if request.sample_prompts else []:
         console.print(f"  sample: {escape(str(path))}", soft_wrap=True)
-    console.print(f"use it: refgen generate \"{escape(request.trigger)}, ...\" --lora {escape(name)}", soft_wrap=True)
+    if result.request.character:
+        console.print(f"character {escape(result.request.character)} now points to LoRA {escape(name)}", soft_wrap=True)
+    console.print(f"use it: refgen generate \"{escape(result.request.trigger)}, ...\" --lora {escape(name)}", soft_wrap=True)
 
 
 def _fresh_fields(name: str, images: Optional[list[Path]], character: Optional[str], options: dict) -> dict:
@@ -115,17 +115,11 @@ def _fresh_fields(name: str, images: Optional[list[Path]], character: Optional[s
 
     if not images:
         raise TrainingDataError("give the training photos: a folder or image files (IMAGES)")
-    fields = {"name": name, "images": images[0] if len(images) == 1 and images[0].is_dir() else list(images), **options}
-    if character:
-        profile = _character_store().get(character)
-        fields["character"] = profile.name
-        fields.setdefault("trigger", profile.anchor or profile.name)
-    if "trigger" not in fields:
-        from ..training import TrainingError
-
-        raise TrainingError("give --trigger (the words that call the character up) or --character NAME "
-                            "(its identity anchor becomes the trigger)")
-    return fields
+    if not character and "trigger" not in options:
+        raise TrainingDataError("give --trigger (the words that call the character up) or --character NAME "
+                                "(a saved character: its identity anchor becomes the trigger)")
+    folder = len(images) == 1 and images[0].is_dir()
+    return {"name": name, "images": images[0] if folder else list(images), "character": character, **options}
 
 
 def _stored_request(name: str, run_dir: Path, options: dict):
@@ -142,17 +136,6 @@ def _stored_request(name: str, run_dir: Path, options: dict):
     if options.get("steps") is not None:
         stored.pop("epochs", None)
     return TrainingRequest(**{**stored, **options})
-
-
-def _character_store():
-    from adapters.characters import CharacterStore
-
-    return CharacterStore()
-
-
-def _link_character(character: str, lora: str) -> None:
-    _character_store().set_lora(character, lora)
-    Console().print(f"character {escape(character)} now points to LoRA {escape(lora)}", soft_wrap=True)
 
 
 # -- refgen loras ---------------------------------------------------------------------------------

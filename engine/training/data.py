@@ -51,6 +51,7 @@ class DatasetReport:
     warnings: list[str] = field(default_factory=list)
     crop: str = "centre"  # how images were cropped, and why when not around faces
     buckets: dict[str, int] = field(default_factory=dict)  # "WxH" -> images
+    generated: list[str] = field(default_factory=list)  # class images the base model drew for this run
 
 
 @dataclass
@@ -150,10 +151,34 @@ def load_dataset(request: TrainingRequest, face_locator: Optional[FaceLocator] =
     """Checked, de-duplicated, bucketed and cropped images. `face_locator` finds the face to keep in the crop
     (None: centre crops, `crop_note` says why)."""
     report = DatasetReport(crop="face" if face_locator else f"centre{f' ({crop_note})' if crop_note else ''}")
+    images = prepare_images(find_images(request.images), lambda path: caption_for(path, request.trigger), request,
+                            report, face_locator)
+    report.used = [str(image.path) for image in images]
+    for image in images:
+        key = f"{image.bucket[0]}x{image.bucket[1]}"
+        report.buckets[key] = report.buckets.get(key, 0) + 1
+    _check_count(images, report)
+    if face_locator and any(image.crop == "centre" for image in images):
+        faceless = [image.path.name for image in images if image.crop == "centre"]
+        report.warnings.append(f"no face found in {len(faceless)} image(s), centre-cropped: {', '.join(faceless)}")
+    return images, report
+
+
+def load_class_images(request: TrainingRequest, report: DatasetReport) -> list[TrainingImage]:
+    """Prior preservation's class images ("a photo of a woman"), captioned with the class prompt, prepared like
+    the character's photos (bad ones refused or skipped into the same report)."""
+    images = prepare_images(find_images(request.class_images), lambda path: request.class_prompt, request, report, None)
+    if not images:
+        raise TrainingDataError(f"no usable class images in {request.class_images}")
+    return images
+
+
+def prepare_images(paths: list[Path], caption_of: Callable[[Path], str], request: TrainingRequest,
+                   report: DatasetReport, face_locator: Optional[FaceLocator]) -> list[TrainingImage]:
     buckets = bucket_sizes(request.resolution, request.bucketing)
     seen: dict[str, Path] = {}
     images = []
-    for path in find_images(request.images):
+    for path in paths:
         image = load_rgb_or_report(path, request, report)
         if image is None:
             continue
@@ -169,16 +194,9 @@ def load_dataset(request: TrainingRequest, face_locator: Optional[FaceLocator] =
         seen[digest] = path
         face = face_locator(image) if face_locator else None
         pixels, crop = cover_crop(image, bucket, face)
-        images.append(TrainingImage(path, digest, caption_for(path, request.trigger), pixels,
-                                    (image.height, image.width), crop, "face" if face else "centre"))
-        report.used.append(str(path))
-        key = f"{bucket[0]}x{bucket[1]}"
-        report.buckets[key] = report.buckets.get(key, 0) + 1
-    _check_count(images, report)
-    if face_locator and any(image.crop == "centre" for image in images):
-        faceless = [image.path.name for image in images if image.crop == "centre"]
-        report.warnings.append(f"no face found in {len(faceless)} image(s), centre-cropped: {', '.join(faceless)}")
-    return images, report
+        images.append(TrainingImage(path, digest, caption_of(path), pixels, (image.height, image.width), crop,
+                                    "face" if face else "centre"))
+    return images
 
 
 def load_rgb_or_report(path: Path, request: TrainingRequest, report: DatasetReport) -> Optional[Image.Image]:

@@ -49,8 +49,8 @@ class BatchPlan:
     """Which images micro-batch g holds. Each epoch shuffles the images, groups them by bucket (a batch has
     one shape), cuts each group into batches and shuffles the batches: every image once per epoch."""
 
-    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int):
-        self.buckets, self.batch_size, self.seed = buckets, batch_size, seed
+    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int, purpose: str = "instance"):
+        self.buckets, self.batch_size, self.seed, self.purpose = buckets, batch_size, seed, purpose
         counts: dict[tuple[int, int], int] = {}
         for bucket in buckets:
             counts[bucket] = counts.get(bucket, 0) + 1
@@ -64,7 +64,7 @@ class BatchPlan:
         return self._epochs[epoch][position]
 
     def _epoch(self, epoch: int) -> list[list[int]]:
-        generator = draw_generator(self.seed, "epoch", epoch)
+        generator = draw_generator(self.seed, f"{self.purpose}/epoch", epoch)
         groups: dict[tuple[int, int], list[int]] = {}
         for index in torch.randperm(len(self.buckets), generator=generator).tolist():
             groups.setdefault(self.buckets[index], []).append(index)
@@ -78,7 +78,7 @@ def micro_batch(dataset: EncodedDataset, plan: BatchPlan, index: int, num_train_
     """Micro-batch `index` of the run: its images from the plan, its noise and timesteps from its own draw."""
     chosen = torch.tensor(plan.indices(index))
     latents = torch.stack([dataset.latents[i] for i in chosen.tolist()])
-    generator = draw_generator(plan.seed, "noise", index)
+    generator = draw_generator(plan.seed, f"{plan.purpose}/noise", index)
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
     timesteps = torch.randint(0, num_train_timesteps, (len(chosen),), generator=generator)
     added = {"text_embeds": dataset.pooled_embeds[chosen].to(device), "time_ids": dataset.time_ids[chosen].to(device)}

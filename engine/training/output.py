@@ -63,7 +63,7 @@ def sd_scripts_text_name(module: str, prefix: str) -> str:
     return f"{prefix}_{path.replace('.', '_')}"
 
 
-def training_metadata(request, images, report, steps: int) -> dict[str, str]:
+def training_metadata(request, images, report, steps: int, class_images: list = ()) -> dict[str, str]:
     """kohya's ss_* keys (strings, as sd-scripts writes them) and refgen's record of the run."""
     tags: dict[str, int] = {}
     for image in images:
@@ -76,6 +76,7 @@ def training_metadata(request, images, report, steps: int) -> dict[str, str]:
         "steps": steps,
         "dataset": [{"path": str(image.path), "sha256": image.sha256, "caption": image.caption,
                      "bucket": list(image.bucket), "crop": image.crop} for image in images],
+        "class_images": [{"path": str(image.path), "sha256": image.sha256} for image in class_images],
         "crop": report.crop,
         "skipped": report.skipped,
         "duplicates": report.duplicates,
@@ -104,6 +105,8 @@ def training_metadata(request, images, report, steps: int) -> dict[str, str]:
         "ss_mixed_precision": request.precision,
         "ss_seed": str(request.seed),
         "ss_num_train_images": str(len(images)),
+        "ss_num_reg_images": str(len(class_images)),
+        "ss_prior_loss_weight": str(request.prior_loss_weight if class_images else 1.0),
         "ss_output_name": request.name,
         "ss_tag_frequency": json.dumps({request.name: tags}),
         "ss_trigger_words": json.dumps([request.trigger]),
@@ -111,9 +114,10 @@ def training_metadata(request, images, report, steps: int) -> dict[str, str]:
     }
 
 
-def save_lora(unet, request, images, report, steps: int, path: Path, text_encoders: tuple = ()) -> Path:
+def save_lora(unet, request, images, report, steps: int, path: Path, text_encoders: tuple = (),
+              class_images: list = ()) -> Path:
     from safetensors.torch import save
 
     data = save(kohya_state_dict(unet, request.network_alpha, text_encoders),
-                metadata=training_metadata(request, images, report, steps))
+                metadata=training_metadata(request, images, report, steps, class_images))
     return write_atomic(path, data)

@@ -18,7 +18,8 @@ MIN_IMAGES, MAX_IMAGES, RECOMMENDED_IMAGES = 5, 200, 10
 # checkpoint cadence) may change between the interrupted run and the resumed one.
 RECIPE_FIELDS = ("images", "trigger", "base_model", "rank", "alpha", "learning_rate", "batch_size",
                  "gradient_accumulation", "resolution", "bucketing", "crop", "seed", "optimizer", "precision",
-                 "gradient_checkpointing", "train_text_encoder", "text_encoder_learning_rate", "skip_bad")
+                 "gradient_checkpointing", "train_text_encoder", "text_encoder_learning_rate", "class_images",
+                 "class_prompt", "num_class_images", "prior_loss_weight", "skip_bad")
 
 
 class TrainingError(RefgenError):
@@ -48,8 +49,9 @@ class TrainingRequest(BaseModel):
 
     images: Union[Path, list[Path]]
     name: str
-    trigger: str = Field(min_length=1, max_length=200)
-    character: Optional[str] = None  # the character profile this LoRA is for (recorded; see train_character)
+    trigger: Optional[str] = Field(default=None, min_length=1, max_length=200)  # default: the character's anchor
+    character: Optional[str] = None  # a saved character profile: its anchor is the default trigger, and it
+    #                                  is pointed at the LoRA once trained into the library
     base_model: str = "sdxl-base"
     rank: int = Field(default=16, ge=1, le=256)
     alpha: Optional[float] = Field(default=None, gt=0)  # None: equal to rank (scale 1)
@@ -67,6 +69,13 @@ class TrainingRequest(BaseModel):
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     train_text_encoder: bool = False  # LoRAs on both CLIP encoders' attention too (captions encoded every step)
     text_encoder_learning_rate: float = Field(default=5e-6, gt=0, le=1.0)  # diffusers' script's text_encoder_lr
+    # Prior preservation (DreamBooth): keep the class ("a photo of a woman") as the base model draws it, so the
+    # trigger learns the character without every woman becoming her. The folder's images are used; with
+    # num_class_images, missing ones are first generated there by the base model from class_prompt.
+    class_images: Optional[Path] = None
+    class_prompt: Optional[str] = Field(default=None, min_length=1, max_length=200)
+    num_class_images: Optional[int] = Field(default=None, ge=1, le=1000)
+    prior_loss_weight: float = Field(default=1.0, ge=0, le=10)
     skip_bad: bool = False  # skip unreadable or too small images (reported) instead of stopping
     checkpoint_every: int = Field(default=250, ge=0)  # 0: only when stopped and at the end
     keep_checkpoints: int = Field(default=2, ge=1)
@@ -92,6 +101,10 @@ class TrainingRequest(BaseModel):
     def _consistent(self) -> "TrainingRequest":
         if self.epochs is not None and "steps" in self.model_fields_set:
             raise ValueError("give steps or epochs, not both")
+        if self.trigger is None and self.character is None:
+            raise ValueError("give a trigger (the words that call the character up) or a saved character")
+        if (self.class_images is None) != (self.class_prompt is None):
+            raise ValueError("prior preservation needs both class_images (a folder) and class_prompt")
         return self
 
     @property
