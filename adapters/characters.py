@@ -13,7 +13,9 @@ On disk, one folder per character under the store's root, named by the name's sl
 "mira-rossi"; names are 1-64 letters, digits, spaces, "-" or "_", so no name can reach outside the root):
 
     character.json            name, identity anchor string, created, analyzer identity, per-anchor facts,
-                              and "lora": the name of its trained LoRA in the LoRA library, once there is one
+                              "lora": the name of its trained LoRA in the LoRA library, once there is one;
+                              "keep" and "mask": its default character mask (adapters/appearance.py)
+    mask.png                  its own character mask over anchor 1, when it has one
     embeddings.safetensors    "embeddings" (n, 512) float32, one per anchor; "mean_embedding" (512,) unit length
     face.png                  the aligned face crop of the first anchor (224 x 224)
     anchors/anchor_1.png ...  RGB copies of the anchor images (upright per EXIF)
@@ -54,6 +56,7 @@ PROFILE_FILE = "character.json"
 EMBEDDINGS_FILE = "embeddings.safetensors"
 FACE_FILE = "face.png"
 ANCHORS_FOLDER = "anchors"
+MASK_FILE = "mask.png"
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9 _-]{1,%d}" % MAX_NAME_LENGTH)
 
@@ -94,6 +97,8 @@ class Character:
     path: Path = field(default=Path())  # the character's folder
     anchors: list[dict[str, Any]] = field(default_factory=list)  # per anchor: file, size, bbox, det_score
     lora: str = ""  # the character's trained LoRA in the LoRA library ("" when none)
+    keep: str = "face"  # what a Character Reference to it carries besides the face, by default (appearance.py)
+    mask_path: Optional[Path] = None  # its own mask over anchor 1 (white = carried), replacing keep's parts
 
     @property
     def slug(self) -> str:
@@ -276,6 +281,23 @@ class CharacterStore:
         write_atomic(folder / PROFILE_FILE, (json.dumps(profile, indent=2) + "\n").encode())
         return self._load(folder)
 
+    def set_appearance(self, name: str, keep: str = "face", mask: Optional[Image.Image] = None) -> Character:
+        """The character's default character mask: parts to carry besides the face (`keep`), or its own mask
+        over anchor 1 (an "L" image the anchor's size, saved as mask.png). keep="face" and no mask: the face only."""
+        character = self.get(name)
+        folder = character.path
+        profile = json.loads((folder / PROFILE_FILE).read_text(encoding="utf-8"))
+        profile["keep"] = keep
+        if mask is not None:
+            write_atomic(folder / MASK_FILE, _png(mask))
+            profile["mask"] = MASK_FILE
+        else:
+            profile.pop("mask", None)
+        write_atomic(folder / PROFILE_FILE, (json.dumps(profile, indent=2) + "\n").encode())
+        if mask is None:
+            (folder / MASK_FILE).unlink(missing_ok=True)
+        return self._load(folder)
+
     def _load(self, folder: Path) -> Character:
         try:
             profile = json.loads((folder / PROFILE_FILE).read_text(encoding="utf-8"))
@@ -311,6 +333,8 @@ class CharacterStore:
             path=folder,
             anchors=anchors,
             lora=str(profile.get("lora") or ""),
+            keep=str(profile.get("keep") or "face"),
+            mask_path=folder / _inside(str(profile["mask"]), folder) if profile.get("mask") else None,
         )
 
 

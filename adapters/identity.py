@@ -234,7 +234,7 @@ class CharacterReferences:
         pose = None if ref.pose_image is None else load_rgb(ref.pose_image, "pose image")
         identity = self.identity(ref, images, pose)
         record = {
-            **ref.model_dump(mode="json", exclude={"images", "pose_image"}),
+            **ref.model_dump(mode="json", exclude={"images", "pose_image", "mask"}),  # the mask: adapters/appearance.py
             "images": [image_record(source, image) for source, image in zip(ref.images, images)],
             "pose_image": image_record(ref.pose_image, pose), "identity_sha256": identity.fingerprint,
             "files": self._files(ref.adapter),
@@ -247,7 +247,8 @@ class CharacterReferences:
             return None
         images = [replay_image(info, f"character image {n}") for n, info in enumerate(record["images"], 1)]
         pose = None if record["pose_image"] is None else replay_image(record["pose_image"], "pose image")
-        fields = {key: record[key] for key in CharacterReference.model_fields if key not in ("images", "pose_image")}
+        fields = {key: record[key] for key in CharacterReference.model_fields
+                  if key not in ("images", "pose_image", "mask", "keep") and key in record}
         ref = CharacterReference(**fields, images=images, pose_image=pose)
         identity = self.identity(ref, images, pose)
         if identity.fingerprint != record["identity_sha256"]:

@@ -143,6 +143,13 @@ class IPAdapters:
                 uses.append(AdapterUse(file, block_scales(self._pipe.unet, kind, _weighted_scale(chosen)), embeds))
         return uses
 
+    def image_use(self, image: Image.Image, scale: float, batch: int, guided: bool, variant: str = "plus") -> AdapterUse:
+        """One adapter instance of `variant` fed one image at a uniform scale (every attention layer): the
+        character's appearance (adapters/appearance.py)."""
+        file = AdapterFile(self._folder(), WEIGHT_FILES[variant])
+        positive, negative = self.encode(image, self._feeds_on_hidden_states(file.folder / file.weight_name))
+        return AdapterUse(file, scale, cfg_rows(positive, negative, batch, guided).to(self._device, self._dtype))
+
     # -- any adapters ---------------------------------------------------------------------------
 
     @contextmanager

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from adapters.appearance import CharacterAppearance
 from adapters.controlnet import ControlNetLibrary, ControlNets
 from adapters.deep_cache import DeepCache
 from adapters.faces import FaceAnalyzer
@@ -64,6 +65,7 @@ def default_adapters(setup: Setup, *, ip_adapter: str = "vit-h", controlnets: Op
         ControlNets(library, preprocessors),
         T2IAdapters(t2i_adapters or T2IAdapterLibrary(setup.device, setup.dtype, **sources), preprocessors),
         CharacterReferences(faces, setup.device, store=store, analyzers=analyzers, **sources),
+        CharacterAppearance(ip, setup.device, store=store, **sources),
         StyleContentReferences(ip),
         DeepCache(setup.speed),  # last: it wraps whichever UNet the adapters before it chose (inpainting)
     ]

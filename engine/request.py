@@ -171,6 +171,7 @@ class ResolvedRequest(BaseModel):
     mask_image: Optional[dict] = None  # the inpainting mask's identity (path, sha256)
     references: list[dict] = Field(default_factory=list)  # style/content references with image identities
     character: Optional[dict] = None  # the Character Reference with its images' identities, see Engine
+    character_appearance: Optional[dict] = None  # what it carries besides the face (adapters/appearance.py)
     ranked: bool = False  # best_of: images are returned ranked by identity score
 
     @property

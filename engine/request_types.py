@@ -151,6 +151,9 @@ def bucket_weight(weight: Optional[float], strength_type: Optional[str], buckets
 
 IdentityAdapterName = Literal["instantid", "faceid"]
 CharacterStrength = Literal["Low", "Mid", "High"]
+# What of the reference photo the character carries besides the face (Ideogram's character mask): the face goes
+# through the identity adapter; hair, outfit and accessories through an appearance reference (adapters/appearance.py).
+CharacterParts = Literal["face", "face+hair", "face+hair+outfit", "all"]
 
 CHARACTER_WEIGHTS: dict[str, float] = {"Low": 0.33, "Mid": 0.99, "High": 1.66}
 DEFAULT_CHARACTER_WEIGHT = CHARACTER_WEIGHTS["Mid"]
@@ -178,6 +181,8 @@ class CharacterReference(BaseModel):
     adapter: IdentityAdapterName = "instantid"
     face_index: Optional[int] = Field(default=None, ge=0, le=63)  # which face of each photo; None: the largest
     pose_image: Optional[Union[str, Path, Image.Image]] = None  # InstantID: face position/orientation from here
+    keep: Optional[CharacterParts] = None  # None: the saved character's default, else "face" (today's behaviour)
+    mask: Optional[Union[str, Path, Image.Image]] = None  # greyscale over the first photo, white = carried; replaces keep's parts
 
     @model_validator(mode="after")
     def _consistent(self) -> "CharacterReference":
@@ -188,6 +193,8 @@ class CharacterReference(BaseModel):
             raise ValueError("face_index picks a face in `images`; a saved character's anchors are used as stored")
         if self.pose_image is not None and self.adapter != "instantid":
             raise ValueError("pose_image steers InstantID's keypoints; the faceid adapter has none")
+        if self.mask is not None and self.keep == "face":
+            raise ValueError("a character mask selects what is carried besides the face: it needs keep other than 'face'")
         return self
 
     @property

@@ -1,4 +1,4 @@
-"""`refgen character create NAME IMAGE... --anchor TEXT | list | show NAME | delete NAME`.
+"""`refgen character create NAME IMAGE... --anchor TEXT | list | show NAME | mask NAME --keep/--mask | delete NAME`.
 
 Mounted by the main CLI with `app.add_typer(character_app, name="character")`. Profiles live in
 $REFGEN_HOME/characters (see adapters/characters.py). Errors refgen raises on purpose become one red
@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..errors import RefgenError
 from .error_lines import refgen_errors
 
 character_app = typer.Typer(
@@ -113,12 +114,85 @@ def show_character(name: NameArgument) -> None:
         ("folder", str(character.path)),
         ("face crop", str(character.face_path)),
         ("lora", _lora_line(character.lora)),
+        ("carries", _carries_line(character)),
     ]
     console = Console()
     for label, value in rows:
         console.print(f"[bold]{label:>9}:[/bold] {escape(value)}", soft_wrap=True)
     for number, path in enumerate(character.anchor_paths, start=1):
         console.print(f"[bold]{'anchor ' + str(number):>9}:[/bold] {escape(str(path))}", soft_wrap=True)
+    if character.keep != "face" or character.mask_path is not None:
+        with refgen_errors():
+            preview = _write_preview(character)
+        console.print(f"[bold]{'preview':>9}:[/bold] {escape(str(preview))} (tinted: what is carried besides the face)",
+                      soft_wrap=True)
+
+
+def _carries_line(character) -> str:
+    if character.mask_path is not None:
+        return f"the face, and what its own mask shows ({character.mask_path})"
+    return {"face": "the face only (refgen character mask NAME --keep face+hair to carry more)"}.get(
+        character.keep, f"the face, and by the face-parsing model: {character.keep}")
+
+
+def _write_preview(character) -> Path:
+    """<character folder>/mask_preview.png: the mask tinted over anchor 1 (the parser runs for a parts mask)."""
+    import io
+
+    import numpy as np
+
+    from adapters.appearance import checked_mask
+    from adapters.face_parsing import FaceParser, mask_preview
+    from ..images import load_rgb, write_atomic
+
+    photo = load_rgb(character.anchor_paths[0], "anchor image 1")
+    if character.mask_path is not None:
+        mask = np.asarray(checked_mask(character.mask_path, photo.size)) >= 128
+    else:
+        mask = FaceParser.load().mask(photo, character.keep)
+    buffer = io.BytesIO()
+    mask_preview(photo, mask).save(buffer, format="PNG")
+    return write_atomic(character.path / "mask_preview.png", buffer.getvalue())
+
+
+@character_app.command("mask")
+def set_character_mask(
+    name: NameArgument,
+    keep: Annotated[Optional[str], typer.Option("--keep", help="face, face+hair, face+hair+outfit or all: the parts carried besides the face.")] = None,
+    mask: Annotated[Optional[Path], typer.Option("--mask", help="Your own greyscale mask over anchor 1 (white = carried), instead of parts.", dir_okay=False)] = None,
+) -> None:
+    """Set what a Character Reference to this character carries besides the face (Ideogram's character mask).
+
+    \b
+    Examples:
+      refgen character mask Mira --keep face+hair          # hair (and hat) from anchor 1, by the face-parsing model
+      refgen character mask Mira --mask mira_outfit.png    # exactly the white part of your mask
+      refgen character mask Mira --keep face               # back to the face only
+      refgen character show Mira                           # writes mask_preview.png to check it
+    """
+    with refgen_errors():
+        from typing import get_args
+
+        from adapters.appearance import checked_mask
+        from ..images import load_rgb
+        from ..request_types import CharacterParts
+
+        store = _store()
+        character = store.get(name)
+        if keep is not None and keep not in get_args(CharacterParts):
+            raise CharacterMaskValueError(f"--keep must be one of {', '.join(get_args(CharacterParts))}, got {keep!r}")
+        if mask is not None:
+            photo = load_rgb(character.anchor_paths[0], "anchor image 1")
+            if keep == "face":
+                raise CharacterMaskValueError("--mask selects what is carried besides the face: it needs --keep other than face")
+            character = store.set_appearance(name, keep or "all", checked_mask(mask, photo.size))
+        else:
+            character = store.set_appearance(name, keep or "face")
+    Console().print(f"[green]{escape(character.name)} carries:[/green] {escape(_carries_line(character))}", soft_wrap=True)
+
+
+class CharacterMaskValueError(RefgenError):
+    """A bad `refgen character mask` option."""
 
 
 def _lora_line(lora: str) -> str:
