@@ -200,3 +200,19 @@ def test_character_mask_and_show_from_the_command_line(private_home, analyzers, 
     assert runner.invoke(app, ["character", "show", "Mira"]).exit_code == 0
     bad = runner.invoke(app, ["character", "mask", "Mira", "--mask", str(tmp_path / "mask.png"), "--keep", "face"])
     assert bad.exit_code == 1 and "needs --keep other than face" in bad.output
+
+
+def test_the_appearance_works_in_one_request_with_everything_else(engine, astronaut, hair_mask):
+    """Character with a mask + style + content + ControlNet + img2img + inpainting: the appearance is live there
+    (it changes the image), and best_of still ranks by identity score."""
+    from test_character_reference import _everything
+
+    def request(**character):
+        base = _everything(astronaut)
+        return base.model_copy(update={"character": CharacterReference(images=[astronaut], **character), "best_of": 2})
+
+    face = engine.generate(request())
+    carried = engine.generate(request(keep="face+hair", mask=hair_mask))
+    assert _max_diff(carried.pixels, face.pixels) > 1e-4
+    assert [meta["rank"] for meta in carried.metadata] == [1, 2]
+    assert all(isinstance(meta["identity_score"], float) for meta in carried.metadata)

@@ -61,6 +61,8 @@ SMOKE = {  # option -> (command line with {photo} / {mask} / {folder} placeholde
     "--character": (["generate", "a portrait", "--character", "{photo}", *SMALL], (64, 64)),
     "--character faceid": (["generate", "a portrait", "--character", "{photo}", "--character-adapter", "faceid", *SMALL],
                            (64, 64)),
+    "--character-keep": (["generate", "a portrait", "--character", "{photo}", "--character-keep", "all", *SMALL], (64, 64)),
+    "--character-mask": (["generate", "a portrait", "--character", "{photo}", "--character-mask", "{mask}", *SMALL], (64, 64)),
     "--inpaint-unet": (["generate", "a door", "--init", "{photo}", "--mask", "{mask}", "--inpaint-unet", "sdxl-inpainting"],
                        (128, 128)),
 }

@@ -1,8 +1,5 @@
-"""A tiny stand-in for `jonathandinu/face-parsing` for the face parsing tests: a random-weight SegFormer
-with the published config's layout (same depths, attention heads, reduction ratios, patch sizes and
-strides, so the same state-dict keys; only the widths are tiny) and the published classes, saved with
-save_pretrained (safetensors) beside a SegformerImageProcessor, at the paths the committed manifest
-gives the `face-parsing` entry, so `FaceParser.load` finds it through `engine.weights.require`.
+"""The tiny face parser (engine/tiny/face_parsing.py, which the tiny model's stand-in uses too) written where the
+committed manifest gives the `face-parsing` entry, so `FaceParser.load` finds it through `engine.weights.require`.
 """
 
 from __future__ import annotations
@@ -10,55 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-# jonathandinu/face-parsing config.json, as published (the architecture and label fields).
-PUBLISHED_CONFIG = {
-    "architectures": ["SegformerForSemanticSegmentation"],
-    "depths": [3, 6, 40, 3],
-    "hidden_sizes": [64, 128, 320, 512],
-    "decoder_hidden_size": 768,
-    "num_attention_heads": [1, 2, 5, 8],
-    "sr_ratios": [8, 4, 2, 1],
-    "patch_sizes": [7, 3, 3, 3],
-    "strides": [4, 2, 2, 2],
-    "mlp_ratios": [4, 4, 4, 4],
-    "image_size": 224,
-    "semantic_loss_ignore_index": 255,
-    "reshape_last_stage": True,
-    "id2label": {
-        "0": "background", "1": "skin", "2": "nose", "3": "eye_g", "4": "l_eye", "5": "r_eye", "6": "l_brow",
-        "7": "r_brow", "8": "l_ear", "9": "r_ear", "10": "mouth", "11": "u_lip", "12": "l_lip", "13": "hair",
-        "14": "hat", "15": "ear_r", "16": "neck_l", "17": "neck", "18": "cloth",
-    },
-}
-# Only the widths differ (hidden sizes divisible by the published head counts): same keys, tiny tensors.
-TINY_WIDTHS = {"hidden_sizes": [8, 8, 10, 8], "decoder_hidden_size": 8}
-# The published preprocessor: 512x512 bilinear resize, rescale, ImageNet mean/std, labels not reduced.
-PROCESSOR_SETTINGS = {
-    "do_resize": True, "size": {"height": 512, "width": 512}, "resample": 2, "do_rescale": True,
-    "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
-    "image_std": [0.229, 0.224, 0.225], "do_reduce_labels": False,
-}
-
-
-def _config_kwargs(widths: Optional[dict] = None) -> dict:
-    kwargs = {key: value for key, value in PUBLISHED_CONFIG.items() if key != "id2label"}
-    id2label = {int(k): v for k, v in PUBLISHED_CONFIG["id2label"].items()}
-    kwargs.update(id2label=id2label, label2id={v: k for k, v in id2label.items()}, num_labels=len(id2label))
-    kwargs.update(widths or {})
-    return kwargs
-
-
-def full_config():
-    """The published architecture (mit-b5 encoder, 768-wide decoder, 19 classes)."""
-    from transformers import SegformerConfig
-
-    return SegformerConfig(**_config_kwargs())
-
-
-def tiny_config():
-    from transformers import SegformerConfig
-
-    return SegformerConfig(**_config_kwargs(TINY_WIDTHS))
+from engine.tiny.face_parsing import (  # noqa: F401  (re-exported for the tests)
+    PROCESSOR_SETTINGS, PUBLISHED_CONFIG, TINY_WIDTHS, full_config, save_tiny_face_parser, tiny_config,
+)
 
 
 def entry_folder(weights_dir: Path | str, manifest_path: Path | str | None = None, entry_name: str = "face-parsing") -> Path:
@@ -75,23 +26,11 @@ def write_face_parsing(
     entry_name: str = "face-parsing",
 ) -> Path:
     """Save the tiny parser where the manifest wants the entry's files; returns that folder.
-    `constant_class`: zero the classifier and bias it to that class, so every pixel parses as it."""
-    import torch
-    from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
-
+    `constant_class`: every pixel parses as that class."""
     from engine.weights import Manifest
 
     entry = Manifest.load(manifest_path).get(entry_name)
-    folder = entry.folder(weights_dir)
-    torch.manual_seed(seed)
-    model = SegformerForSemanticSegmentation(tiny_config()).eval()
-    if constant_class is not None:
-        with torch.no_grad():
-            model.decode_head.classifier.weight.zero_()
-            model.decode_head.classifier.bias.zero_()
-            model.decode_head.classifier.bias[constant_class] = 10.0
-    model.save_pretrained(folder, safe_serialization=True)
-    SegformerImageProcessor(**PROCESSOR_SETTINGS).save_pretrained(folder)
+    folder = save_tiny_face_parser(entry.folder(weights_dir), seed, constant_class)
     written = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     listed = sorted(f.path for f in entry.files)
     assert written == listed, f"the tiny parser wrote {written}, the manifest lists {listed}"

@@ -84,13 +84,26 @@ class EngineRunner:
             return self.upscale(job.body)
         if job.kind == "training":
             return self.train(job)
+        if job.kind == "ideogram":
+            return self.generate_ideogram(job.body)
         raise JobError(f"unknown job kind {job.kind!r}")
 
     def generate(self, body: Mapping[str, Any]) -> list[Output]:
         models = self.models or ModelTable.load()
         request = parse_generation(body, images=self.store.resolve_image, models=models, trained=self.trained)
         engine = self.engine(local_model(body, models, self.trained))
-        result = engine.generate(request)
+        return self._outputs(engine.generate(request))
+
+    def generate_ideogram(self, body: Mapping[str, Any]) -> list[Output]:
+        """A generation from the Ideogram routes (engine/api/ideogram.py): on the server's default model."""
+        from .ideogram import generation_request
+
+        request = generation_request(body, self.store.resolve_image)
+        engine = self.engine((self.models or ModelTable.load()).default)
+        return self._outputs(engine.generate(request))
+
+    @staticmethod
+    def _outputs(result) -> list[Output]:
         return [Output(png=png_bytes(image, meta), seed=seed, metadata=meta, identity_score=_number(meta.get("identity_score")))
                 for image, seed, meta in zip(result.images, result.seeds, result.metadata)]
 

@@ -35,6 +35,11 @@ Every path is under /api/rest/v1, so a Leonardo client works after changing its 
 | GET    /models/user/{userId}        | custom_models                         | newest first                            |
 | DELETE /models/{id}                 | delete_custom_models_by_pk {id}       |                                         |
 
+Ideogram 3.0's generate, edit and remix endpoints are served on the same app, store, queue and API key, at
+Ideogram's own paths (POST /v1/ideogram-v3/generate, /edit, /remix; multipart forms, `Api-Key` header, synchronous
+answers in Ideogram's shape): engine/api/ideogram.py (the mapping) and engine/api/ideogram_routes.py (the routes).
+Their jobs (kind "ideogram") are also shown by GET /generations/{id}.
+
 Training (engine/api/trainings.py): element and model trainings are jobs of the one queue (kind
 "training"), PENDING -> COMPLETE or FAILED with the reason. While one runs, its record's "refgen.progress" is
 {step, total, loss, elapsed} (a refgen extension). A generation's `userElements` [{userLoraId, weight}] applies
@@ -69,7 +74,7 @@ import math
 import re
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, Optional, Sequence
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
@@ -83,7 +88,9 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..errors import InvalidImageError, RefgenError
+from . import ideogram_routes
 from .leonardo import LeonardoRequestError, ModelTable, leonardo_scheduler, leonardo_style, parse_generation
+from .limits import UploadTooLarge, limited
 from .store import (DEFAULT_USER, IMAGE_EXTENSIONS, AssetStore, Generation, GeneratedImage, QueueFullError, StoreError,
                     Training, UnknownAssetError)
 from .trainings import StoreLoras, TrainingSettings, element_job, model_job, training_run_dir
@@ -101,10 +108,6 @@ FILE_NAME = re.compile(r"^(?P<id>[0-9a-fA-F-]{32,36})\.(?P<ext>png|jpg|jpeg|webp
 
 class ServeError(RefgenError):
     """The server cannot start as configured (e.g. a public address without an API key)."""
-
-
-class UploadTooLarge(Exception):
-    """Raised while streaming an upload body past the limit."""
 
 
 # ------------------------------------------------------------------------------------------- app
@@ -133,8 +136,9 @@ class DatasetFromGenBody(BaseModel):
 
 def create_app(store: AssetStore, worker=None, *, api_key: Optional[str] = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                max_pixels: int = 40_000_000, max_queue: int = 64, models: Optional[ModelTable] = None,
-               training: Optional[TrainingSettings] = None) -> FastAPI:
-    """The API over `store`; `worker.notify()` is called whenever a job is queued (worker None: jobs only queue)."""
+               training: Optional[TrainingSettings] = None, ideogram_wait_seconds: float = 600.0) -> FastAPI:
+    """The API over `store`; `worker.notify()` is called whenever a job is queued (worker None: jobs only queue).
+    `ideogram_wait_seconds`: how long an Ideogram route (synchronous) waits for its job before answering 504."""
     app = FastAPI(title="refgen local API", version="1",
                   description="Leonardo.ai-compatible REST v1 API over a local SDXL engine. See engine/api/server.py.")
     context = _Context(store, worker, models or ModelTable.load(), max_upload_bytes, max_pixels, max_queue)
@@ -142,6 +146,7 @@ def create_app(store: AssetStore, worker=None, *, api_key: Optional[str] = None,
     app.include_router(_api_router(context), prefix=PREFIX, dependencies=[Depends(_authoriser(api_key))])
     app.include_router(_public_router(context), prefix=PREFIX)
     _install_error_handlers(app)
+    ideogram_routes.install(app, context, api_key, ideogram_wait_seconds)  # Ideogram 3.0's paths, same store and queue
     return app
 
 
@@ -244,6 +249,8 @@ def _generation_routes(router: APIRouter, ctx: _Context) -> None:
 def _job(store: AssetStore, job_id: str, kind: str) -> Generation:
     """A generation or an upscale variation by id; the other kind is "not found" under this path."""
     job = store.generation(_uuid(job_id))
+    if job.kind == "ideogram" and kind == "generation":  # a job of the Ideogram routes: shown as a generation
+        return job
     if job.kind == "training":
         raise UnknownAssetError(f"no {'generation' if kind == 'generation' else 'variation'} {job_id} (a training job: "
                                 "see its element or model)")
@@ -511,7 +518,7 @@ async def _read_form(request: Request, max_bytes: int):
         raise HTTPException(413, f"upload larger than the {max_bytes} byte limit")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise LeonardoRequestError("body", "must be multipart/form-data with the upload's fields and a 'file' part")
-    parser = MultiPartParser(request.headers, _limited(request.stream(), limit), max_files=1, max_fields=16)
+    parser = MultiPartParser(request.headers, limited(request.stream(), limit), max_files=1, max_fields=16)
     try:
         return await parser.parse()
     except UploadTooLarge:
@@ -519,14 +526,6 @@ async def _read_form(request: Request, max_bytes: int):
     except MultiPartException as exc:
         raise LeonardoRequestError("body", f"malformed multipart form: {exc.message}") from None
 
-
-async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
-    received = 0
-    async for chunk in stream:
-        received += len(chunk)
-        if received > limit:
-            raise UploadTooLarge
-        yield chunk
 
 
 def _check_token(upload, token: Any) -> None:

@@ -43,7 +43,7 @@ from ..errors import RefgenError
 from ..images import STAGING_NAME, load_rgb, write_atomic
 
 Status = Literal["PENDING", "COMPLETE", "FAILED"]
-JobKind = Literal["generation", "upscale", "training"]
+JobKind = Literal["generation", "upscale", "training", "ideogram"]  # ideogram: a generation from the Ideogram routes
 TrainingKind = Literal["element", "model"]
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 DEFAULT_USER = "local"  # a single-user server: every generation belongs to this user id
@@ -451,7 +451,7 @@ class AssetStore:
                           max_pending: Optional[int] = None) -> Generation:
         """Queue a job (status PENDING). With `max_pending`, QueueFullError when that many are already
         pending: counted and inserted in one write transaction, so simultaneous callers cannot overshoot."""
-        if kind not in ("generation", "upscale", "training"):
+        if kind not in ("generation", "upscale", "training", "ideogram"):
             raise StoreError(f"unknown job kind {kind!r}")
         with self._transaction() as db:
             generation_id = self._insert_job(db, body, user_id, kind, max_pending)

@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 
 from ..weights import Manifest, ManifestEntry, WeightFile
-from . import (adapters, annotators, build_tiny_unet, faces, save_tiny_controlnet, save_tiny_inpaint_unet, save_tiny_realesrgan,
+from . import (adapters, annotators, build_tiny_unet, face_parsing, faces, save_tiny_controlnet, save_tiny_inpaint_unet, save_tiny_realesrgan,
                save_tiny_union_promax)
 
 COMPONENTS_FOLDER = "tiny-sdxl-components-v1"  # bump when a recipe changes what it writes
@@ -52,6 +52,8 @@ def _components() -> list[tuple[str, str, str, tuple[str, ...], Callable[[Path],
          partial(faces.save_tiny_pack, files=faces.ANTELOPEV2_FILES)),
         ("insightface-buffalo-l", "face-analysis", "insightface", faces.BUFFALO_L_FILES,
          partial(faces.save_tiny_pack, files=faces.BUFFALO_L_FILES, seed=1)),
+        ("face-parsing", "face-parsing", "face-parsing", ("config.json", "model.safetensors", "preprocessor_config.json"),
+         face_parsing.save_tiny_face_parser),
         ("depth-anything-v2-small", "depth-estimator", "depth-anything-v2-small", annotators.DEPTH_FILES,
          annotators.save_tiny_depth_model),
         ("annotators-openpose", "annotator", "annotators-openpose", annotators.OPENPOSE_FILES, annotators.save_openpose),
