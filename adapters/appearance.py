@@ -4,7 +4,8 @@ mask" for hair, clothing and accessories).
 The face goes through the identity adapter (adapters/identity.py), as before. When the Character Reference
 asks for more (`keep="face+hair"`, `"face+hair+outfit"`, `"all"`, or a `mask` of its own), the first reference
 photo is masked to those parts (from the face-parsing model, adapters/face_parsing.py, or the user's mask:
-white = carried), cropped to them and padded square on neutral grey, and fed to IP-Adapter plus (the 16-token
+white = carried, which replaces the parts, or with mask_mode "add" / "subtract" adjusts them), cropped to them
+and padded square on neutral grey, and fed to IP-Adapter plus (the 16-token
 resampler over CLIP's penultimate states: it keeps detail such as a hairstyle or a pattern) on every attention
 layer, at the character's own strength (Low/Mid/High, weight 0-2: the same scale as the identity adapter).
 `keep="face"` (the default) adds nothing: the output is exactly what it was without this adapter. A saved
@@ -115,7 +116,8 @@ class CharacterAppearance:
             return None
         photo = replay_image(record["photo"], "character photo")
         mask = None if record["mask"] is None else replay_image(record["mask"], "character mask")
-        ref = CharacterReference(images=[photo], keep=record["keep"], weight=record["scale"])
+        ref = CharacterReference(images=[photo], keep=record["keep"], weight=record["scale"],
+                                 mask_mode=record.get("mask_mode", "replace"), mask=mask)
         prepared = self._prepared(ref, photo, mask)
         if prepared.record()["character_appearance"]["picture_sha256"] != record["picture_sha256"]:
             raise RefgenError("the character's carried appearance differs from the one recorded (another parsing model?)")
@@ -129,22 +131,33 @@ class CharacterAppearance:
 
     def _prepared(self, ref: CharacterReference, photo, mask_source) -> "PreparedAppearance":
         source, picture = photo if isinstance(photo, tuple) else (photo, photo)
-        if mask_source is not None:
-            mask, parser_record = checked_mask(mask_source, picture.size), None
-        else:
+        user = None if mask_source is None else checked_mask(mask_source, picture.size)
+        parts, parser_record = None, None
+        if user is None or ref.mask_mode != "replace":
             from .face_parsing import parts_mask
 
             parser = self.parser()
-            mask = Image.fromarray(parts_mask(parser.labels(picture), ref.keep).astype(np.uint8) * 255, "L")
-            parser_record = parser.describe()
-            if not np.asarray(mask).any():
-                raise CharacterMaskError(f"keep={ref.keep!r} found none of those parts in the reference photo "
-                                         "(give a mask of your own, or keep='face')")
-        carried = appearance_picture(picture, mask)
-        record = {"keep": ref.keep, "scale": ref.scale, "photo": image_record(source, picture),
-                  "mask": None if mask_source is None else image_record(mask_source, mask),
+            parts, parser_record = parts_mask(parser.labels(picture), ref.keep), parser.describe()
+        carried_mask = combined_mask(parts, None if user is None else np.asarray(user) >= 128, ref.mask_mode)
+        if not carried_mask.any():
+            raise CharacterMaskError(f"keep={ref.keep!r} found none of those parts in the reference photo "
+                                     "(give a mask of your own, or keep='face')" if user is None else
+                                     f"mask_mode={ref.mask_mode!r} leaves nothing of keep={ref.keep!r} to carry")
+        carried = appearance_picture(picture, Image.fromarray(carried_mask.astype(np.uint8) * 255, "L"))
+        record = {"keep": ref.keep, "mask_mode": ref.mask_mode, "scale": ref.scale, "photo": image_record(source, picture),
+                  "mask": None if user is None else image_record(mask_source, user),
                   "parser": parser_record, "picture_sha256": pixel_digest(carried)}
         return PreparedAppearance(self.ip_adapters, carried, ref.scale, record)
+
+
+def combined_mask(parts: Optional[np.ndarray], user: Optional[np.ndarray], mode: str) -> np.ndarray:
+    """What is carried: the parsed parts, the user's mask, or the parts adjusted by it (add: either; subtract:
+    the parts the mask leaves black)."""
+    if user is None:
+        return parts
+    if mode == "replace":
+        return user
+    return parts | user if mode == "add" else parts & ~user
 
 
 class PreparedAppearance(Prepared):

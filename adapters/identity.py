@@ -248,7 +248,7 @@ class CharacterReferences:
         images = [replay_image(info, f"character image {n}") for n, info in enumerate(record["images"], 1)]
         pose = None if record["pose_image"] is None else replay_image(record["pose_image"], "pose image")
         fields = {key: record[key] for key in CharacterReference.model_fields
-                  if key not in ("images", "pose_image", "mask", "keep") and key in record}
+                  if key not in ("images", "pose_image", "mask", "keep", "mask_mode") and key in record}
         ref = CharacterReference(**fields, images=images, pose_image=pose)
         identity = self.identity(ref, images, pose)
         if identity.fingerprint != record["identity_sha256"]:

@@ -182,7 +182,8 @@ class CharacterReference(BaseModel):
     face_index: Optional[int] = Field(default=None, ge=0, le=63)  # which face of each photo; None: the largest
     pose_image: Optional[Union[str, Path, Image.Image]] = None  # InstantID: face position/orientation from here
     keep: Optional[CharacterParts] = None  # None: the saved character's default, else "face" (today's behaviour)
-    mask: Optional[Union[str, Path, Image.Image]] = None  # greyscale over the first photo, white = carried; replaces keep's parts
+    mask: Optional[Union[str, Path, Image.Image]] = None  # greyscale over the first photo, white = carried
+    mask_mode: Literal["replace", "add", "subtract"] = "replace"  # the mask replaces keep's parts, or adjusts them
 
     @model_validator(mode="after")
     def _consistent(self) -> "CharacterReference":
@@ -195,6 +196,9 @@ class CharacterReference(BaseModel):
             raise ValueError("pose_image steers InstantID's keypoints; the faceid adapter has none")
         if self.mask is not None and self.keep == "face":
             raise ValueError("a character mask selects what is carried besides the face: it needs keep other than 'face'")
+        if self.mask_mode != "replace" and (self.mask is None or self.keep in (None, "face")):
+            raise ValueError(f"mask_mode={self.mask_mode!r} adjusts keep's parts with a mask: it needs both a mask and "
+                             "keep face+hair, face+hair+outfit or all")
         return self
 
     @property

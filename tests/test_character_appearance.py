@@ -216,3 +216,38 @@ def test_the_appearance_works_in_one_request_with_everything_else(engine, astron
     assert _max_diff(carried.pixels, face.pixels) > 1e-4
     assert [meta["rank"] for meta in carried.metadata] == [1, 2]
     assert all(isinstance(meta["identity_score"], float) for meta in carried.metadata)
+
+
+def test_a_mask_can_adjust_the_parsed_parts(engine, astronaut, hair_mask, tmp_path, monkeypatch):
+    """With mask_mode add the carried region is the parts plus the mask; subtract cuts the mask out of them. The
+    tiny parser here calls the left half hair and the rest background."""
+    from adapters.appearance import CharacterAppearance, combined_mask
+
+    parts = np.zeros((4, 4), bool)
+    parts[:, :2] = True
+    user = np.zeros((4, 4), bool)
+    user[0, :] = True
+    assert combined_mask(parts, user, "replace").sum() == 4
+    assert combined_mask(parts, user, "add").sum() == 8 + 2
+    assert combined_mask(parts, user, "subtract").sum() == 8 - 2
+
+    class HalfHair:  # a parser stand-in with a known answer, so the carried picture can be checked exactly
+        def labels(self, image):
+            labels = np.zeros((image.height, image.width), np.uint8)
+            labels[:, : image.width // 2] = 13
+            return labels
+
+        def describe(self):
+            return {"entry": "half-hair"}
+
+    appearance = engine.adapter(CharacterAppearance)
+    appearance.set_parser(HalfHair())
+    try:
+        made = {mode: engine.generate(_request(character=CharacterReference(
+            images=[astronaut], keep="face+hair", mask=hair_mask, mask_mode=mode))) for mode in ("replace", "add", "subtract")}
+    finally:
+        appearance.set_parser(None)
+    digests = {mode: result.metadata[0]["resolved"]["character_appearance"]["picture_sha256"] for mode, result in made.items()}
+    assert len(set(digests.values())) == 3
+    with pytest.raises(ValueError, match="needs both a mask and keep"):
+        CharacterReference(images=[astronaut], mask=hair_mask, mask_mode="add")

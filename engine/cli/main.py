@@ -47,7 +47,7 @@ GENERATE_FLAGS = MappingProxyType({
     "character": "--character",
     "character.weight": "--character-strength", "character.strength_type": "--character-strength",
     "character.adapter": "--character-adapter", "character.pose_image": "--pose",
-    "character.face_index": "--face-index", "character.keep": "--character-keep", "character.mask": "--character-mask", "best_of": "--best-of", "upscale": "--upscale", "upscaler": "--upscaler",
+    "character.face_index": "--face-index", "character.keep": "--character-keep", "character.mask": "--character-mask", "character.mask_mode": "--character-mask-mode", "best_of": "--best-of", "upscale": "--upscale", "upscaler": "--upscaler",
 })
 REMIX_FLAGS = MappingProxyType({
     "prompt": "PROMPT", "init_image": "IMAGE", "num_images": "--n", "seed": "--seed", "preset": "--preset",
@@ -158,6 +158,7 @@ def generate(
     face_index: Annotated[Optional[int], typer.Option("--face-index", help="Which face of the character photos (0 = largest).")] = None,
     character_keep: Annotated[Optional[str], typer.Option("--character-keep", help="What the character carries besides the face: face, face+hair, face+hair+outfit or all (default: the saved character's, else face).")] = None,
     character_mask: Annotated[Optional[Path], typer.Option("--character-mask", help="Greyscale mask over the (first) character photo, white = carried besides the face.", dir_okay=False)] = None,
+    character_mask_mode: Annotated[str, typer.Option("--character-mask-mode", help="replace: the mask alone; add / subtract: the mask adjusts --character-keep's parts.")] = "replace",
     best_of: Annotated[Optional[int], typer.Option("--best-of", help="Make N (2-8) and rank them by likeness to the character.")] = None,
     mask: Annotated[Optional[Path], typer.Option("--mask", help="Inpainting mask (white = repaint), same size as --init.", dir_okay=False)] = None,
     feather: Annotated[int, typer.Option("--feather", help="Soft seam inside the mask edge, px.")] = 4,
@@ -196,7 +197,7 @@ def generate(
             upscale=upscale_by, upscaler=upscaler,
             references=[_reference("style", text) for text in style or []] + ([_reference("content", content)] if content else []),
             character=_character(character, character_strength, character_adapter, pose, face_index, character_keep,
-                                 character_mask), best_of=best_of,
+                                 character_mask, character_mask_mode), best_of=best_of,
         )
         _check_inputs(request, allow_pickle)
         engine = _load_engine(model, device, dtype, allow_pickle, offload, speed.value, vae_tiling,
@@ -269,7 +270,8 @@ def _control_unit(text: str) -> dict:
 
 
 def _character(values: Optional[list[str]], strength: Optional[str], adapter: str, pose: Optional[Path],
-               face_index: Optional[int], keep: Optional[str] = None, mask: Optional[Path] = None) -> Optional[dict]:
+               face_index: Optional[int], keep: Optional[str] = None, mask: Optional[Path] = None,
+               mask_mode: str = "replace") -> Optional[dict]:
     """--character NAME, or --character photo.jpg [--character photo2.jpg ...] -> CharacterReference fields."""
     from ..request import is_number
 
@@ -280,7 +282,8 @@ def _character(values: Optional[list[str]], strength: Optional[str], adapter: st
         return None
     if mask is not None and keep is None:
         keep = "all"  # a mask of one's own says what is carried
-    fields: dict = {"adapter": adapter, "pose_image": pose, "face_index": face_index, "keep": keep, "mask": mask}
+    fields: dict = {"adapter": adapter, "pose_image": pose, "face_index": face_index, "keep": keep, "mask": mask,
+                    "mask_mode": mask_mode}
     if strength is not None:
         fields["weight" if is_number(strength) else "strength_type"] = float(strength) if is_number(strength) else strength
     if len(values) == 1 and not _is_photo(values[0]):
