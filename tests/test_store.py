@@ -420,3 +420,20 @@ def test_written_files_get_the_mode_a_plain_write_gets(tmp_path, refgen_home, um
     finally:
         os.umask(previous)
     assert {stat.S_IMODE(path.stat().st_mode) for path in [plain, *written]} == {mode}
+
+
+def test_progress_is_skipped_not_waited_for_while_another_writer_holds_the_database(store, tmp_path):
+    """A running job's step must not wait out the busy timeout (seconds) because a second server or a long
+    write holds the lock: that progress is dropped, the next one lands."""
+    import time
+
+    job = store.create_generation({"prompt": "x"})
+    other = sqlite3.connect(store.root / DATABASE_NAME, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    assert store.set_progress(job.id, {"step": 1, "total": 4}) is False
+    assert time.monotonic() - started < 1.0
+    other.execute("ROLLBACK")
+    other.close()
+    assert store.set_progress(job.id, {"step": 2, "total": 4}) is True
+    assert store.generation(job.id).progress == {"step": 2, "total": 4}

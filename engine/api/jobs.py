@@ -29,6 +29,7 @@ from .leonardo import LeonardoRequestError, ModelTable, local_model, parse_gener
 from ..provenance import png_bytes
 from ..request import default_upscaler
 from .store import AssetStore, Generation, Output, StoreError, UnknownAssetError
+from .progress import JobProgress
 from .trainings import StoreLoras, TrainingSettings, train_job
 
 log = logging.getLogger("refgen.jobs")
@@ -79,28 +80,29 @@ class EngineRunner:
 
     def __call__(self, job: Generation) -> list[Output]:
         if job.kind == "generation":
-            return self.generate(job.body)
+            return self.generate(job.body, JobProgress(self.store, job.id))
         if job.kind == "upscale":
             return self.upscale(job.body)
         if job.kind == "training":
             return self.train(job)
         if job.kind == "ideogram":
-            return self.generate_ideogram(job.body)
+            return self.generate_ideogram(job.body, JobProgress(self.store, job.id))
         raise JobError(f"unknown job kind {job.kind!r}")
 
-    def generate(self, body: Mapping[str, Any]) -> list[Output]:
+    def generate(self, body: Mapping[str, Any], progress: Optional[JobProgress] = None) -> list[Output]:
+        """A Leonardo generation body; `progress` records each step and cancels the run once the job is deleted."""
         models = self.models or ModelTable.load()
         request = parse_generation(body, images=self.store.resolve_image, models=models, trained=self.trained)
         engine = self.engine(local_model(body, models, self.trained))
-        return self._outputs(engine.generate(request))
+        return self._outputs(engine.generate(request, on_step=progress and progress.on_generation_step))
 
-    def generate_ideogram(self, body: Mapping[str, Any]) -> list[Output]:
+    def generate_ideogram(self, body: Mapping[str, Any], progress: Optional[JobProgress] = None) -> list[Output]:
         """A generation from the Ideogram routes (engine/api/ideogram.py): on the server's default model."""
         from .ideogram import generation_request
 
         request = generation_request(body, self.store.resolve_image)
         engine = self.engine((self.models or ModelTable.load()).default)
-        return self._outputs(engine.generate(request))
+        return self._outputs(engine.generate(request, on_step=progress and progress.on_generation_step))
 
     @staticmethod
     def _outputs(result) -> list[Output]:

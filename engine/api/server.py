@@ -20,6 +20,7 @@ Every path is under /api/rest/v1, so a Leonardo client works after changing its 
 | GET    /variations/{id}             | generated_image_variation_generic     | transformType UPSCALE; "error"          |
 | GET    /me                          | user_details                          | a single local user                     |
 | GET    /files/{uuid}.{ext}          | the image bytes                       | the URLs the answers above hand out     |
+| GET    /generations/{id}/events     | text/event-stream (refgen extension)  | progress {step, total, phase}; done     |
 | POST   /datasets                    | insert_datasets_one {id}              | body {name, description}                |
 | GET    /datasets/{id}               | datasets_by_pk (+ dataset_images)     | uploaded images only                    |
 | DELETE /datasets/{id}               | delete_datasets_by_pk {id}            | its images too                          |
@@ -66,6 +67,7 @@ without a key. No user-supplied string ever becomes a file path: /files/ looks i
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -74,13 +76,13 @@ import math
 import re
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Optional, Sequence
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
@@ -94,6 +96,8 @@ from .limits import UploadTooLarge, limited
 from .store import (DEFAULT_USER, IMAGE_EXTENSIONS, AssetStore, Generation, GeneratedImage, QueueFullError, StoreError,
                     Training, UnknownAssetError)
 from .trainings import StoreLoras, TrainingSettings, element_job, model_job, training_run_dir
+
+EVENT_POLL_SECONDS = 0.2  # how often GET /generations/{id}/events looks at the job
 
 log = logging.getLogger("refgen.server")
 
@@ -232,6 +236,15 @@ def _generation_routes(router: APIRouter, ctx: _Context) -> None:
         generation = _job(ctx.store, generation_id, "generation")
         return _with_error({"generations_by_pk": _generation_json(generation, request)}, generation)
 
+    @router.get("/generations/{generation_id}/events", tags=["generations"])
+    async def generation_events(generation_id: str, request: Request) -> StreamingResponse:
+        """refgen extension: the job as a text/event-stream. `progress` events carry {"status", "progress"}
+        ({"step", "total", "phase"} while it runs) when they change; the last event is `done` with the same
+        answer as GET /generations/{id}, or `deleted`."""
+        job_id = (await run_in_threadpool(_job, ctx.store, generation_id, "generation")).id  # 404 before streaming
+        return StreamingResponse(_events(ctx.store, job_id, request), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     @router.get("/generations/user/{user_id}", tags=["generations"])
     def user_generations(user_id: str, request: Request, offset: int = Query(0, ge=0),
                          limit: int = Query(10, ge=1, le=100)) -> dict:
@@ -244,6 +257,28 @@ def _generation_routes(router: APIRouter, ctx: _Context) -> None:
             raise UnknownAssetError(f"no generation {generation_id} (a training job: DELETE its element or model)")
         ctx.store.delete_generation(generation_id)
         return {"delete_generations_by_pk": {"id": generation_id}}
+
+
+async def _events(store: AssetStore, job_id: str, request: Request) -> AsyncIterator[str]:
+    last = None
+    while not await request.is_disconnected():
+        try:
+            job = await run_in_threadpool(store.generation, job_id)
+        except UnknownAssetError:
+            yield _event("deleted", {"id": job_id})
+            return
+        state = {"status": job.status, "progress": job.progress}
+        if state != last:
+            yield _event("progress", state)
+            last = state
+        if job.status != "PENDING":
+            yield _event("done", _with_error({"generations_by_pk": _generation_json(job, request)}, job))
+            return
+        await asyncio.sleep(EVENT_POLL_SECONDS)
+
+
+def _event(name: str, data: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
 def _job(store: AssetStore, job_id: str, kind: str) -> Generation:
@@ -460,7 +495,7 @@ def _element_json(training: Training) -> dict:
         createdAt=training.created_at, updatedAt=job.finished_at or job.started_at or training.created_at,
         baseModel=body.get("sd_version") if isinstance(body.get("sd_version"), str) else None,
         focus=_text(body.get("lora_focus")), instancePrompt=job.body.get("trigger"),
-        learningRate=_real(body.get("learning_rate")), resolution=job.body.get("resolution"), trainTextEncoder=False,
+        learningRate=_real(body.get("learning_rate")), resolution=job.body.get("resolution"), trainTextEncoder=bool(job.body.get("train_text_encoder")),
         trainingEpoch=_whole(body.get("num_train_epochs")), refgen=_training_refgen(training))
 
 
@@ -578,6 +613,7 @@ def _generation_json(generation: Generation, request: Request) -> dict:
             "error": generation.error, "startedAt": generation.started_at, "finishedAt": generation.finished_at,
             "scheduler": resolved.get("scheduler"),  # the exact sampler that ran: Leonardo's enum is coarser
             "images": [{"id": image.id, "seed": image.seed, "identityScore": image.identity_score} for image in generation.images],
+            "progress": generation.progress,  # while it runs: {"step", "total", "phase"} (a refgen extension)
         },
     )
 

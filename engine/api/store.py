@@ -580,11 +580,27 @@ class AssetStore:
 
     # -- progress (training jobs)
 
-    def set_progress(self, generation_id: str, progress: dict[str, Any]) -> None:
-        """Record a running job's progress (shown while it is PENDING); a deleted job is ignored."""
-        with self._transaction() as db:
-            db.execute("UPDATE generations SET progress = ? WHERE id = ? AND status = 'PENDING'",
-                       (json.dumps(progress), _checked_id(generation_id)))
+    def set_progress(self, generation_id: str, progress: dict[str, Any]) -> bool:
+        """Record a running job's progress (shown while it is PENDING); a deleted job is ignored. Best effort:
+        when another writer holds the database this progress is skipped (False), never waited for, so a busy
+        store slows no generation."""
+        with self._lock:
+            self._db.execute("PRAGMA busy_timeout = 0")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError:
+                return False
+            finally:
+                self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            try:
+                self._db.execute("UPDATE generations SET progress = ? WHERE id = ? AND status = 'PENDING'",
+                                 (json.dumps(progress), _checked_id(generation_id)))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            return True
 
     def job_exists(self, generation_id: str) -> bool:
         return bool(self._query("SELECT 1 FROM generations WHERE id = ?", (_checked_id(generation_id),)))

@@ -20,7 +20,8 @@ Leonardo -> refgen (TrainingRequest):
 | sd_version                 | SDXL versions (SDXL_0_9, SDXL_1_0, LEONARDO_*_XL, VISION_XL, KINO_XL,         |
 |                            | ALBEDO_XL) train on the server's model; others (FLUX_DEV, the SDK's default)  |
 |                            | are refused naming sd_version                                                 |
-| train_text_encoder         | accepted; refgen trains the UNet only (logged; answered as false)             |
+| train_text_encoder         | train_text_encoder: LoRAs on both CLIP encoders too (their learning rate:     |
+|                            | refgen's default, 5e-6)                                                       |
 | lora_focus                 | General, Character, Style or Object: recorded, no effect on the recipe        |
 
 POST /models ("train a custom model") is the same LoRA, with `strength` (VERY_LOW, LOW, MEDIUM, HIGH) as
@@ -36,13 +37,13 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ..errors import RefgenError
 from .leonardo import LeonardoRequestError
+from .progress import JobProgress
 from .store import AssetStore, Generation, Output, UnknownAssetError
 
 log = logging.getLogger("refgen.trainings")
@@ -58,7 +59,6 @@ ELEMENT_KEYS = {"name", "description", "datasetId", "instance_prompt", "lora_foc
                 "sd_version", "num_train_epochs", "learning_rate"}
 MODEL_KEYS = {"name", "description", "datasetId", "instance_prompt", "modelType", "nsfw", "resolution", "sd_version",
               "strength"}
-PROGRESS_SECONDS = 0.25  # at most this often a running job's progress is written (and its deletion looked for)
 
 
 @dataclass(frozen=True)
@@ -118,10 +118,9 @@ def element_job(body: Mapping[str, Any], store: AssetStore, settings: TrainingSe
         raise LeonardoRequestError("lora_focus", f"must be one of {', '.join(LORA_FOCUS)}, got {focus!r}")
     epochs = _whole(body, "num_train_epochs", 1, 250, required=True)
     learning_rate = _positive(body, "learning_rate")
-    if _optional_bool(body, "train_text_encoder"):
-        log.warning("element %r: train_text_encoder=true is accepted, but refgen trains the UNet only", body.get("name"))
     return {**_common(body, store, settings, base_model, default_resolution=1024),
-            "epochs": epochs, "learning_rate": learning_rate}
+            "epochs": epochs, "learning_rate": learning_rate,
+            "train_text_encoder": bool(_optional_bool(body, "train_text_encoder"))}
 
 
 def model_job(body: Mapping[str, Any], store: AssetStore, settings: TrainingSettings, base_model: str) -> dict:
@@ -227,7 +226,8 @@ def train_job(store: AssetStore, job: Generation, settings: TrainingSettings, *,
     try:
         request = TrainingRequest(images=images, name=body["lora"], trigger=body["trigger"], base_model=body["base_model"],
                                   rank=settings.rank, steps=steps, learning_rate=body["learning_rate"],
-                                  batch_size=settings.batch_size, resolution=body["resolution"], seed=settings.seed)
+                                  batch_size=settings.batch_size, resolution=body["resolution"], seed=settings.seed,
+                                  train_text_encoder=body.get("train_text_encoder", False))
     except ValidationError as exc:
         raise TrainingError(f"cannot train: {exc.errors()[0]['msg']}") from None
     watcher = _Watcher(store, job.id)
@@ -248,28 +248,15 @@ def training_run_dir(store: AssetStore, lora: str) -> Path:
     return store.root / "training" / lora
 
 
-class _Watcher:
-    """on_step/stop for train_lora: progress written at most every PROGRESS_SECONDS (and at the last step);
-    stop() is True once the job's row is gone (its element or model was deleted)."""
-
-    def __init__(self, store: AssetStore, job_id: str):
-        self.store, self.job_id = store, job_id
-        self.written = self.checked = 0.0
-        self.deleted = False
+class _Watcher(JobProgress):
+    """on_step/stop for train_lora: progress with the loss, and stop() once the element or model was deleted."""
 
     def on_step(self, progress) -> None:
-        now = time.monotonic()
-        if progress.step == progress.total or now - self.written >= PROGRESS_SECONDS:
-            self.written = now
-            self.store.set_progress(self.job_id, {"step": progress.step, "total": progress.total,
-                                                  "loss": _finite(progress.loss), "elapsed": round(progress.elapsed, 3)})
+        self.report({"step": progress.step, "total": progress.total, "loss": _finite(progress.loss),
+                     "elapsed": round(progress.elapsed, 3)}, last=progress.step == progress.total)
 
     def stop(self) -> bool:
-        now = time.monotonic()
-        if not self.deleted and now - self.checked >= PROGRESS_SECONDS:
-            self.checked = now
-            self.deleted = not self.store.job_exists(self.job_id)
-        return self.deleted
+        return not self.wanted()
 
 
 def _finite(value: Any) -> Optional[float]:
