@@ -339,3 +339,13 @@ def test_missing_class_images_are_drawn_by_the_base_model_once(photos, tiny_mode
 def test_prior_preservation_needs_both_the_folder_and_the_prompt(photos, class_folder, tiny_model_dir):
     with pytest.raises(ValueError, match="class_images .* and class_prompt"):
         request_for(photos, tiny_model_dir, class_images=class_folder)
+
+
+def test_overwrite_with_bad_photos_keeps_the_old_checkpoints(photos, tiny_model_dir, tmp_path):
+    request = request_for(photos, tiny_model_dir, steps=2)
+    first = train(request, tmp_path)
+    kept = checkpoints(first.run_dir)
+    broken = write_dataset(tmp_path / "broken", 3)  # too few photos: refused while loading the data
+    with pytest.raises(TrainingError, match="at least 5"):
+        train(request.model_copy(update={"images": broken}), tmp_path, overwrite=True)
+    assert checkpoints(first.run_dir) == kept and all(path.is_file() for path in kept)

@@ -109,7 +109,7 @@ def prepare_training(request: TrainingRequest, *, device=None, dtype=None) -> Tr
 
     request = with_character_trigger(request)
     device, dtype = training_device(request, device, dtype)
-    locator, note = _face_locator(request.crop, device)
+    locator, note = _face_locator(request.crop)
     images, report = load_dataset(request, locator, note)
     pipe, _ = load_pipeline(request.base_model, torch.float32)
     dataset = encode_dataset(pipe, images, device)
@@ -184,8 +184,9 @@ def training_device(request: TrainingRequest, device=None, dtype=None) -> tuple[
     return chosen, picked
 
 
-def _face_locator(crop: str, device: torch.device):
-    """(locator, why-not note): the face models when crop is auto/face and they are installed."""
+def _face_locator(crop: str):
+    """(locator, why-not note): the face models (on the CPU: a few photos) when crop is auto/face and they are
+    installed."""
     if crop == "centre":
         return None, "asked for"
     from ..compose import face_locator
@@ -227,6 +228,9 @@ def train_lora(request: TrainingRequest, out_dir: Union[str, Path, None] = None,
     run_dir = Path(run_dir).expanduser() if run_dir is not None else default_run_dir(request.name)
     _check_fresh(request, destination, run_dir, overwrite, resume)
     setup = prepare_training(request, device=device, dtype=dtype)
+    if overwrite and not resume:  # only now that the photos and the model are known good: bad input loses nothing
+        for path in checkpoints.checkpoints(run_dir):
+            path.unlink()
     accelerator = _accelerator(request, setup.device)
     optimizer = make_optimizer(request, setup.trainable, setup.device)
     start, losses = _resume_point(setup, run_dir, optimizer, resume)
@@ -257,9 +261,6 @@ def _check_fresh(request: TrainingRequest, destination: Path, run_dir: Path, ove
         raise TrainingError(f"run {request.name!r} has checkpoints in {run_dir / checkpoints.FOLDER} (latest "
                             f"{found[-1].name}): resume it (resume=True, refgen train --resume) or start over "
                             "(overwrite=True, which deletes them)")
-    if found and overwrite and not resume:
-        for path in found:
-            path.unlink()
     if resume and not found:
         raise TrainingError(f"nothing to resume: no checkpoints in {run_dir / checkpoints.FOLDER}")
 
