@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import struct
 import zlib
+from pathlib import Path
 
 import diffusers.utils.logging as diffusers_logging
 import pytest
@@ -186,3 +187,15 @@ def test_speed_options_are_checked_before_anything_loads_or_listens(refgen_home,
     arguments = ["generate", "x", *TINY, "--out", str(tmp_path)] if command == "generate" else ["serve", "--model", "tiny"]
     result = runner.invoke(app, [*arguments, *option])
     assert result.exit_code != 0 and expected in result.output and "Traceback" not in result.output
+
+
+def test_a_fresh_process_prints_no_third_party_import_warnings(refgen_home, tmp_path):
+    """Import-time notices (torch's pytree registry about torchao's enums) happen once per process, so only a
+    new process shows them: none reach a user's terminal."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "a fox", *TINY, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "_pytree" not in done.stderr and "Enum subclass" not in done.stderr, done.stderr[-2000:]

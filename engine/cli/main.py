@@ -67,7 +67,14 @@ def _main(context: typer.Context) -> None:
 @contextmanager
 def _quiet_libraries() -> Iterator[None]:
     """diffusers'/transformers' progress bars and info/warning lines off for this run: the CLI shows its own
-    progress, and errors come as refgen's one line. Restored after, for code sharing the process (tests)."""
+    progress, and errors come as refgen's one line. Restored after, for code sharing the process (tests).
+    torch's pytree registry warns about torchao's enums when torchao is first imported (by diffusers and peft):
+    a deprecation notice for torchao's authors, not for a user, so it is off too."""
+    import logging
+
+    pytree = logging.getLogger("torch.utils._pytree")
+    pytree_level = pytree.level
+    pytree.setLevel(logging.ERROR)  # before the imports below, which import torchao
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
@@ -78,6 +85,7 @@ def _quiet_libraries() -> Iterator[None]:
     try:
         yield
     finally:
+        pytree.setLevel(pytree_level)
         for lib, verbosity, bars in saved:
             lib.set_verbosity(verbosity)
             if bars:

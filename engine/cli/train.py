@@ -96,10 +96,10 @@ def train(
             raise typer.Exit(code=130)
         if not result.main_process:
             return  # one process of `accelerate launch` / torchrun reports; the others trained alongside it
-    for warning in result.report.warnings:
-        console.print(f"[yellow]note:[/yellow] {escape(warning)}", soft_wrap=True)
-    for skipped in result.report.skipped:
-        console.print(f"[yellow]skipped:[/yellow] {escape(skipped['path'])}: {escape(skipped['reason'])}", soft_wrap=True)
+    # Warnings and skipped photos were logged as they happened; duplicates are listed here.
+    for duplicate in result.report.duplicates:
+        console.print(f"[yellow]duplicate left out:[/yellow] {escape(duplicate['path'])} (same pixels as "
+                      f"{escape(duplicate['same_as'])})", soft_wrap=True)
     console.print(f"[green]trained:[/green] {escape(name)} ({result.steps} steps, last loss {result.losses[-1]:.4f}, "
                   f"{len(result.report.used)} photos, crop: {escape(result.report.crop)}) -> {escape(str(result.path))}",
                   soft_wrap=True)
