@@ -562,3 +562,37 @@ def _flatten(state: Any, prefix: str = "") -> dict:
     if isinstance(state, dict):
         return {key: value for name, part in state.items() for key, value in _flatten(part, f"{prefix}{name}.").items()}
     return {prefix[:-1]: state}
+
+
+# What each feature needs, by manifest name (the studio's Weights view and GET /refgen/weights show it): the
+# preprocessors only where a photo is turned into a control map (a ready map needs none).
+FEATURE_WEIGHTS: dict[str, tuple[str, ...]] = {
+    "Text to image (SDXL base)": ("sdxl-base", "sdxl-vae-fp16-fix"),
+    "Style and Content Reference": ("ip-adapter-sdxl",),
+    "Character Reference (InstantID)": ("instantid", "insightface-antelopev2"),
+    "Character Reference (FaceID)": ("ip-adapter-faceid-plusv2-sdxl", "ip-adapter-sdxl", "insightface-buffalo-l"),
+    "Character mask (hair, outfit)": ("face-parsing", "ip-adapter-sdxl"),
+    "Edge (Canny) ControlNet": ("controlnet-canny-sdxl",),
+    "Depth ControlNet (from a photo)": ("controlnet-depth-sdxl", "depth-anything-v2-small"),
+    "Pose ControlNet (from a photo)": ("controlnet-openpose-sdxl", "annotators-openpose"),
+    "Inpainting UNet": ("sdxl-inpainting",),
+    "Upscale x2 and x4": ("realesrgan-x2plus", "realesrgan-x4plus"),
+    "Face-aware training crops": ("insightface-antelopev2",),
+}
+
+
+def weights_status(manifest: Manifest | None = None, weights_dir: Path | str | None = None) -> dict[str, Any]:
+    """Every component (present, or which files are missing) and every feature (what it still needs, and the one
+    `refgen weights fetch` command that gets it). Reads only file names: nothing is hashed or downloaded."""
+    manifest = manifest or Manifest.load()
+    missing = {entry.name: missing_files(entry, weights_dir) for entry in manifest.entries}
+    components = [{"name": entry.name, "kind": entry.kind, "license": entry.license, "size": entry.total_size,
+                   "present": not missing[entry.name], "missing_files": missing[entry.name],
+                   "folder": str(entry.folder(weights_dir))} for entry in manifest.entries]
+    features = []
+    for feature, names in FEATURE_WEIGHTS.items():
+        needed = [name for name in names if name in missing and missing[name]]
+        features.append({"feature": feature, "needs": list(names), "missing": needed, "ready": not needed,
+                         "fetch": f"refgen weights fetch {' '.join(needed)}" if needed else None})
+    return {"weights_dir": str(Path(weights_dir) if weights_dir else paths.weights_dir()),
+            "components": components, "features": features}

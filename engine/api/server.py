@@ -20,6 +20,7 @@ Every path is under /api/rest/v1, so a Leonardo client works after changing its 
 | GET    /variations/{id}             | generated_image_variation_generic     | transformType UPSCALE; "error"          |
 | GET    /me                          | user_details                          | a single local user                     |
 | GET    /files/{uuid}.{ext}          | the image bytes                       | the URLs the answers above hand out     |
+| GET    /refgen/weights              | refgen extension                      | installed / missing per feature, fetch  |
 | GET    /generations/{id}/events     | text/event-stream (refgen extension)  | progress {step, total, phase}; done     |
 | POST   /datasets                    | insert_datasets_one {id}              | body {name, description}                |
 | GET    /datasets/{id}               | datasets_by_pk (+ dataset_images)     | uploaded images only                    |
@@ -210,6 +211,14 @@ def _api_router(ctx: _Context) -> APIRouter:
     _dataset_routes(router, ctx)
     _element_routes(router, ctx)
     _model_routes(router, ctx)
+
+    @router.get("/refgen/weights", tags=["refgen"])
+    def weights_status() -> dict:
+        """refgen extension: every weight component (present, or its missing files) and every feature's missing
+        components with the `refgen weights fetch` command that gets them. Nothing is downloaded here."""
+        from .. import weights
+
+        return weights.weights_status()
 
     @router.get("/me", tags=["user"])
     def me() -> dict:
