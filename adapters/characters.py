@@ -26,7 +26,6 @@ the old profile or the new one; hidden folders (".name...") are never listed. No
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ from PIL import Image
 
 from engine import paths
 from engine.errors import RefgenError
-from engine.images import load_rgb, make_staging_folder, write_atomic
+from engine.images import load_rgb, make_staging_folder, png_data, write_atomic
 
 from .faces import EMBEDDING_DIM, FaceAnalyzer, ImageInput, mean_identity
 
@@ -225,8 +224,8 @@ class CharacterStore:
         staging = make_staging_folder(folder)
         try:
             for file, rgb in zip(anchor_files, rgbs):
-                write_atomic(staging / file, _png(rgb))
-            write_atomic(staging / FACE_FILE, _png(faces[0].crop))
+                write_atomic(staging / file, png_data(rgb))
+            write_atomic(staging / FACE_FILE, png_data(faces[0].crop))
             write_atomic(staging / EMBEDDINGS_FILE, _safetensors_bytes(embeddings, mean))
             write_atomic(staging / PROFILE_FILE, (json.dumps(profile, indent=2) + "\n").encode())
             _move_into_place(staging, folder, name, overwrite)
@@ -289,7 +288,7 @@ class CharacterStore:
         profile = json.loads((folder / PROFILE_FILE).read_text(encoding="utf-8"))
         profile["keep"] = keep
         if mask is not None:
-            write_atomic(folder / MASK_FILE, _png(mask))
+            write_atomic(folder / MASK_FILE, png_data(mask))
             profile["mask"] = MASK_FILE
         else:
             profile.pop("mask", None)
@@ -369,12 +368,6 @@ def _to_rgb(image: ImageInput, what: str) -> Image.Image:
 
         return _load_image(image, what)
     return load_rgb(image, what=what)
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _safetensors_bytes(embeddings: np.ndarray, mean: np.ndarray) -> bytes:

@@ -75,6 +75,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def png_data(image: Image.Image) -> bytes:
+    """The image as PNG file bytes (in its own mode), for write_atomic."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def pixel_digest(image: Image.Image) -> str:
     """sha256 of an image's RGB pixels and size: the identity of a picture held in memory (cache keys of
     reference encodings, face analyses and preprocessor outputs; provenance of in-memory inputs)."""

@@ -102,10 +102,7 @@ class LoraSet:
             self._active = False
 
     def _identity(self, spec: LoraSpec) -> dict:
-        path = self._library.resolve(spec.path)
-        if not path.is_file():
-            raise LoraError(self._library.missing_message(spec.path))
-        check_pickle(path, self._allow_pickle)
+        path = lora_file(spec.path, self._library, self._allow_pickle)
         return {"path": str(path), "weight": spec.weight, "sha256": cached_sha256(path)}
 
     def _ensure_loaded(self, spec: LoraSpec, sha256: str) -> str:
@@ -163,6 +160,15 @@ class LoraSet:
             self._pipe.delete_adapters(name)
         except (ValueError, KeyError, AttributeError):
             pass
+
+
+def lora_file(reference: str, library: LoraLibrary, allow_pickle: bool = False) -> Path:
+    """A request's LoRA (a file, or a name in the library) as a file that exists and may be loaded."""
+    path = library.resolve(reference)
+    if not path.is_file():
+        raise LoraError(library.missing_message(reference))
+    check_pickle(path, allow_pickle)
+    return path
 
 
 def is_peft_version_refusal(exc: BaseException) -> bool:

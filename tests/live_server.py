@@ -37,3 +37,20 @@ def running_server(app):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextlib.contextmanager
+def serving(root, stop_seconds: float = 60, **options):
+    """`refgen serve` over a store in `root`: engine.api.server.service(store, **options) with its worker running,
+    on a real uvicorn server. Yields (base URL, worker, store); the worker is stopped after."""
+    from engine.api.server import service
+    from engine.api.store import AssetStore
+
+    with AssetStore(root) as store:
+        app, worker = service(store, **options)
+        worker.start()
+        try:
+            with running_server(app) as base:
+                yield base, worker, store
+        finally:
+            worker.stop(stop_seconds)

@@ -11,9 +11,8 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from engine.api.server import PREFIX, service
-from engine.api.store import AssetStore
-from live_server import running_server
+from engine.api.server import PREFIX
+from live_server import serving
 
 KEY = "progress-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
@@ -47,15 +46,9 @@ class CountingLoader:
 @pytest.fixture(scope="module")
 def api(refgen_home, tmp_path_factory):
     loader = CountingLoader()
-    with AssetStore(tmp_path_factory.mktemp("progress_api")) as store:
-        app, worker = service(store, api_key=KEY, model="tiny", load_engine=loader)
-        worker.start()
-        try:
-            with running_server(app) as base:
-                with httpx.Client(base_url=f"{base}{PREFIX}", headers=HEADERS, timeout=120) as client:
-                    yield SimpleNamespace(client=client, loader=loader)
-        finally:
-            worker.stop(60)
+    with serving(tmp_path_factory.mktemp("progress_api"), api_key=KEY, model="tiny", load_engine=loader) as (base, _, _):
+        with httpx.Client(base_url=f"{base}{PREFIX}", headers=HEADERS, timeout=120) as client:
+            yield SimpleNamespace(client=client, loader=loader)
 
 
 def create(api, **body) -> str:

@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 from engine.api.ideogram import PREFIX as IDEOGRAM
-from engine.api.server import PREFIX as LEONARDO, create_app, service
+from engine.api.server import PREFIX as LEONARDO, create_app
 from engine.api.store import AssetStore
 from engine.tiny import tiny_unet_config
-from live_server import running_server
+from live_server import running_server, serving
 
 KEY = "ideogram-test-key"
 HEADERS = {"Api-Key": KEY}
@@ -34,15 +34,9 @@ def api(refgen_home, tmp_path_factory):
 
         return Engine.load(name, device="cpu", dtype="fp32")
 
-    with AssetStore(tmp_path_factory.mktemp("ideogram_api")) as store:
-        app, worker = service(store, api_key=KEY, model="tiny", load_engine=load)
-        worker.start()
-        try:
-            with running_server(app) as base:
-                with httpx.Client(base_url=base, timeout=120) as client:
-                    yield SimpleNamespace(client=client, store=store)
-        finally:
-            worker.stop(30)
+    with serving(tmp_path_factory.mktemp("ideogram_api"), 30, api_key=KEY, model="tiny", load_engine=load) as (base, _, store):
+        with httpx.Client(base_url=base, timeout=120) as client:
+            yield SimpleNamespace(client=client, store=store)
 
 
 def png(image: Image.Image) -> bytes:

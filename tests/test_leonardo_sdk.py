@@ -20,9 +20,8 @@ from leonardo_ai_sdk import LeonardoAiSDK
 from leonardo_ai_sdk.models import errors, operations, shared
 from leonardo_ai_sdk.types import BaseModel, Nullable, OptionalNullable
 
-from engine.api.server import PREFIX, service
-from engine.api.store import AssetStore
-from live_server import png_bytes, running_server
+from engine.api.server import PREFIX
+from live_server import png_bytes, serving
 
 KEY = "sdk-test-key"
 JS_CLIENT = Path(__file__).parent / "js"
@@ -49,14 +48,8 @@ class RecordingLoader:
 @pytest.fixture(scope="module")
 def api(refgen_home, tmp_path_factory):
     loader = RecordingLoader()
-    with AssetStore(tmp_path_factory.mktemp("sdk_api")) as store:
-        app, worker = service(store, api_key=KEY, model="tiny", load_engine=loader)
-        worker.start()
-        try:
-            with running_server(app) as base:
-                yield SimpleNamespace(url=f"{base}{PREFIX}", worker=worker, loader=loader)
-        finally:
-            worker.stop(30)
+    with serving(tmp_path_factory.mktemp("sdk_api"), 30, api_key=KEY, model="tiny", load_engine=loader) as (base, worker, _):
+        yield SimpleNamespace(url=f"{base}{PREFIX}", worker=worker, loader=loader)
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,9 @@ from leonardo_ai_sdk import LeonardoAiSDK
 from leonardo_ai_sdk.models import operations, shared
 from PIL import Image
 
-from engine.api.server import PREFIX, service
-from engine.api.store import AssetStore
+from engine.api.server import PREFIX
 from engine.api.trainings import TrainingSettings
-from live_server import running_server
+from live_server import serving
 from test_leonardo_sdk import RecordingLoader, finished, generation, parsed, paused, refused
 from test_training import one_thread, structured_image  # noqa: F401  (one_thread: the module-wide fixture, reused)
 
@@ -36,14 +35,9 @@ ELEMENT = {"name": "zxq", "instance_prompt": TRIGGER, "lora_focus": "Character",
 @pytest.fixture(scope="module")
 def api(refgen_home, tmp_path_factory):
     settings = TrainingSettings(rank=4, batch_size=2, max_steps=12, learning_rate=0.01, seed=3)
-    with AssetStore(tmp_path_factory.mktemp("training_api")) as store:
-        app, worker = service(store, api_key=KEY, model="tiny", load_engine=RecordingLoader(), training=settings)
-        worker.start()
-        try:
-            with running_server(app) as base:
-                yield SimpleNamespace(url=f"{base}{PREFIX}", worker=worker, store=store)
-        finally:
-            worker.stop(60)
+    with serving(tmp_path_factory.mktemp("training_api"), api_key=KEY, model="tiny", load_engine=RecordingLoader(),
+                 training=settings) as (base, worker, store):
+        yield SimpleNamespace(url=f"{base}{PREFIX}", worker=worker, store=store)
 
 
 @pytest.fixture(scope="module")

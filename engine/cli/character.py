@@ -137,22 +137,18 @@ def _carries_line(character) -> str:
 
 def _write_preview(character) -> Path:
     """<character folder>/mask_preview.png: the mask tinted over anchor 1 (the parser runs for a parts mask)."""
-    import io
-
     import numpy as np
 
     from adapters.appearance import checked_mask
     from adapters.face_parsing import FaceParser, mask_preview
-    from ..images import load_rgb, write_atomic
+    from ..images import load_rgb, png_data, write_atomic
 
     photo = load_rgb(character.anchor_paths[0], "anchor image 1")
     if character.mask_path is not None:
         mask = np.asarray(checked_mask(character.mask_path, photo.size)) >= 128
     else:
         mask = FaceParser.load().mask(photo, character.keep)
-    buffer = io.BytesIO()
-    mask_preview(photo, mask).save(buffer, format="PNG")
-    return write_atomic(character.path / "mask_preview.png", buffer.getvalue())
+    return write_atomic(character.path / "mask_preview.png", png_data(mask_preview(photo, mask)))
 
 
 @character_app.command("mask")

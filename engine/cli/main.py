@@ -252,15 +252,13 @@ def _input_images(request) -> list[tuple[Any, str]]:
 
 
 def _check_lora(path_text: str, allow_pickle: bool) -> None:
-    from ..loading import check_pickle
-    from ..lora import LoraError
+    from ..lora import LoraError, lora_file
     from ..lora_library import LoraLibrary
 
-    library = LoraLibrary()
-    path = library.resolve(path_text)
-    if not path.is_file():
-        raise LoraError(f"(--lora) {library.missing_message(path_text)}")
-    check_pickle(path, allow_pickle)
+    try:
+        lora_file(path_text, LoraLibrary(), allow_pickle)
+    except LoraError as exc:
+        raise LoraError(f"(--lora) {exc}") from exc
 
 
 def _control_unit(text: str) -> dict:

@@ -223,11 +223,11 @@ def train_lora(request: TrainingRequest, out_dir: Union[str, Path, None] = None,
     from ..lora_library import LoraLibrary
 
     library = library or LoraLibrary()
-    request = with_character_trigger(request)
     destination = Path(out_dir).expanduser() / f"{request.name}.safetensors" if out_dir is not None else library.path(request.name)
     run_dir = Path(run_dir).expanduser() if run_dir is not None else default_run_dir(request.name)
     _check_fresh(request, destination, run_dir, overwrite, resume)
     setup = prepare_training(request, device=device, dtype=dtype)
+    request = setup.request  # a character's anchor filled in as the trigger
     if overwrite and not resume:  # only now that the photos and the model are known good: bad input loses nothing
         for path in checkpoints.checkpoints(run_dir):
             path.unlink()

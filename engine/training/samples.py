@@ -4,13 +4,12 @@ with later steps), and prior preservation's class images, drawn by the base mode
 
 from __future__ import annotations
 
-import io
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ..images import write_atomic
+from ..images import png_data, write_atomic
 from .loop import draw_generator
 
 SAMPLE_STEPS, SAMPLE_GUIDANCE = 25, 5.0
@@ -45,12 +44,6 @@ def on_device(pipe, unet, device, dtype):
             module.to(home, home_dtype)
 
 
-def png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @torch.no_grad()
 def write_samples(setup, unet, step: int, run_dir: Path) -> list[Path]:
     """One PNG per sample prompt (seed = sample_seed + its index), through diffusers' SDXL pipeline on the
@@ -63,7 +56,7 @@ def write_samples(setup, unet, step: int, run_dir: Path) -> list[Path]:
             generator = torch.Generator("cpu").manual_seed(request.sample_seed + index)
             image = sampler(prompt, num_inference_steps=SAMPLE_STEPS, guidance_scale=SAMPLE_GUIDANCE,
                             height=request.resolution, width=request.resolution, generator=generator).images[0]
-            written.append(write_atomic(run_dir / "samples" / f"step-{step:06d}-{index}.png", png(image)))
+            written.append(write_atomic(run_dir / "samples" / f"step-{step:06d}-{index}.png", png_data(image)))
     return written
 
 
@@ -89,5 +82,5 @@ def fill_class_images(pipe, unet, request, device, dtype) -> list[Path]:
             generator = draw_generator(request.seed, "class-image", len(existing) + index)
             image = sampler(request.class_prompt, num_inference_steps=SAMPLE_STEPS, guidance_scale=SAMPLE_GUIDANCE,
                             height=request.resolution, width=request.resolution, generator=generator).images[0]
-            written.append(write_atomic(folder / next(names), png(image)))
+            written.append(write_atomic(folder / next(names), png_data(image)))
     return written
