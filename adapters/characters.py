@@ -34,7 +34,7 @@ import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -166,9 +166,11 @@ class CharacterStore:
         analyzer: FaceAnalyzer,
         anchor: str = "",
         overwrite: bool = False,
+        select: Literal["largest", "single"] = "largest",
     ) -> Character:
         """Build a character from 1-5 anchor images (3-5 recommended: frontal, three-quarter, other
-        lighting) of one person; the largest face of each is used.
+        lighting) of one person; the largest face of each is used, or with select="single" a photo showing
+        several faces is refused (MultipleFacesError naming it: which one is the character is then the user's call).
 
         Raises CharacterError for a bad name or image count, CharacterExistsError when the name has a
         profile and overwrite is False (the existing one is left untouched), and the face layer's typed
@@ -194,7 +196,7 @@ class CharacterStore:
         for number, image in enumerate(images, start=1):
             what = f"anchor image {number}"
             rgb = _to_rgb(image, what)
-            face = analyzer.analyze(rgb, what=what, crop_size=FACE_CROP_SIZE)
+            face = analyzer.analyze(rgb, select=select, what=what, crop_size=FACE_CROP_SIZE)
             rgbs.append(rgb)
             faces.append(face)
         embeddings = np.stack([np.asarray(f.embedding, np.float32) for f in faces])
@@ -267,6 +269,27 @@ class CharacterStore:
         os.rename(character.path, trash)  # atomic: the profile disappears at once, then the files go
         shutil.rmtree(trash, ignore_errors=True)
         log.info("character %r deleted", character.name)
+
+    def add_anchor(self, name: str, image: ImageInput, analyzer: FaceAnalyzer,
+                   select: Literal["largest", "single"] = "largest") -> Character:
+        """One more anchor image (at most MAX_ANCHORS): the profile is rebuilt from its anchors plus `image`, keeping
+        its identity anchor text, LoRA and character mask (anchor 1, which the mask covers, stays first). The same
+        errors as create(); the old profile stays untouched on any of them."""
+        character = self.get(name)
+        if character.image_count >= MAX_ANCHORS:
+            raise CharacterError(f"character {character.name!r} already has {MAX_ANCHORS} anchor images, the most it "
+                                 "takes; delete it and create it again from the photos you want")
+        mask = None
+        if character.mask_path is not None:
+            with Image.open(character.mask_path) as stored:
+                mask = stored.convert("L")
+        rebuilt = self.create(character.name, [*character.anchor_paths, image], analyzer, anchor=character.anchor,
+                              overwrite=True, select=select)
+        if character.lora:
+            rebuilt = self.set_lora(character.name, character.lora)
+        if character.keep != "face" or mask is not None:
+            rebuilt = self.set_appearance(character.name, character.keep, mask)
+        return rebuilt
 
     def set_lora(self, name: str, lora: str) -> Character:
         """Point the character at its LoRA in the LoRA library (`refgen train NAME --character ...` does this);

@@ -29,7 +29,7 @@ from adapters.characters import (
     UnknownCharacterError,
     score,
 )
-from adapters.faces import FaceAnalyzer, NoFaceError, identity_score
+from adapters.faces import FaceAnalyzer, MultipleFacesError, NoFaceError, identity_score
 from engine.cli.character import character_app
 from engine.errors import RefgenError
 from conftest import COMMITTED_MANIFEST
@@ -270,6 +270,44 @@ def test_a_damaged_profile_is_a_typed_error_and_skipped_by_list(store, analyzer,
     with pytest.raises(CharacterError, match="embeddings.safetensors"):
         store.get("broken")
     assert [c.name for c in store.list()] == ["good"]
+
+
+def test_select_single_refuses_a_photo_with_several_faces_and_writes_nothing(store, tmp_path, monkeypatch, astronaut):
+    """The studio's create: which of two people is the character is the user's call, not the largest box's."""
+    two_faces = tmp_path / "two_faces"
+    tf.write_pack(two_faces, [tf.ASTRONAUT_FACE, tf.SECOND_FACE], manifest_path=COMMITTED_MANIFEST)
+    monkeypatch.setenv("REFGEN_WEIGHTS", str(two_faces))
+    analyzer = FaceAnalyzer.load("antelopev2", device="cpu")
+    with pytest.raises(MultipleFacesError, match="anchor image 1 shows 2 faces"):
+        store.create("Eileen", [astronaut], analyzer, select="single")
+    assert tree(store.root) == []
+    assert store.create("Eileen", [astronaut], analyzer).image_count == 1  # the library's default: the largest
+
+
+def test_add_anchor_keeps_the_anchor_text_lora_and_mask_and_the_first_anchor(store, analyzer, astronaut, mirrored):
+    store.create("Eileen", [astronaut], analyzer, anchor=ANCHOR)
+    store.set_lora("Eileen", "eileen-v1")
+    mask = Image.new("L", astronaut.size, 0)
+    mask.paste(255, (100, 40, 350, 300))
+    store.set_appearance("Eileen", "face+hair", mask)
+
+    grown = store.add_anchor("Eileen", mirrored, analyzer)
+
+    assert grown.image_count == 2 and (grown.anchor, grown.lora, grown.keep) == (ANCHOR, "eileen-v1", "face+hair")
+    np.testing.assert_array_equal(np.asarray(Image.open(grown.anchor_paths[0])), np.asarray(astronaut.convert("RGB")))
+    np.testing.assert_array_equal(grown.embeddings[1], analyzer.analyze(mirrored).embedding)
+    np.testing.assert_array_equal(np.asarray(Image.open(grown.mask_path)), np.asarray(mask))
+
+
+def test_add_anchor_stops_at_five_and_on_a_photo_without_a_face_leaving_the_profile(store, analyzer, astronaut, blank):
+    store.create("Eileen", [astronaut] * 4, analyzer, anchor="kept")
+    with pytest.raises(NoFaceError, match="anchor image 5"):
+        store.add_anchor("Eileen", blank, analyzer)
+    assert store.get("Eileen").image_count == 4
+    store.add_anchor("Eileen", astronaut, analyzer)
+    with pytest.raises(CharacterError, match="already has 5 anchor images"):
+        store.add_anchor("Eileen", astronaut, analyzer)
+    assert store.get("Eileen").image_count == 5 and store.get("Eileen").anchor == "kept"
 
 
 def test_scoring_with_another_pack_is_refused(store, analyzer, astronaut):

@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Optional, Protocol
 
+from PIL import Image
+
 from ..errors import RefgenError
 from ..images import load_rgb
 from .leonardo import LeonardoRequestError, ModelTable, local_model, parse_generation
@@ -76,7 +78,7 @@ class EngineRunner:
         self.upscaler_reference = upscaler
         self._engine: Any = None
         self._engine_name: Optional[str] = None
-        self._upscaler: Any = None
+        self._upscalers: dict[str, Any] = {}
 
     def __call__(self, job: Generation) -> list[Output]:
         if job.kind == "generation":
@@ -127,27 +129,45 @@ class EngineRunner:
         return train_job(self.store, job, self.training, device=self.device, dtype=self.dtype)
 
     def upscale(self, body: Mapping[str, Any]) -> list[Output]:
-        """{"id": generated image id} -> that image at 4x, its provenance kept plus an "upscale" record."""
+        """{"id": generated image id, "refgen": {"scale": 2 or 4}?} -> that image upscaled (Leonardo's upscale: the
+        server's upscaler, x4), its provenance kept plus an "upscale" record."""
         image_id = body.get("id") if isinstance(body, Mapping) else None
         try:
             source = self.store.generated_image(image_id)
         except UnknownAssetError:
             raise LeonardoRequestError("id", f"unknown generated image id {image_id!r}") from None
+        scale = (body.get("refgen") or {}).get("scale")
         picture = load_rgb(source.path, "generated image")
-        upscaler = self.upscaler()
+        upscaler = self.upscaler(scaled_upscaler(self.upscaler_reference, scale))
         result = upscaler.upscale(picture, progress=False)
+        if scale is not None and result.size != (picture.width * scale, picture.height * scale):  # a model of another factor
+            result = result.resize((picture.width * scale, picture.height * scale), Image.Resampling.BICUBIC)
         meta = copy.deepcopy(source.metadata)
         meta["upscale"] = _upscale_record(source.id, picture.size, result.size, upscaler, meta.get("upscale"))
         return [Output(png=png_bytes(result, meta), seed=source.seed, metadata=meta, identity_score=source.identity_score)]
 
-    def upscaler(self):
-        if self._upscaler is None:
+    def upscaler(self, reference: Optional[str] = None):
+        """An ESRGAN model by reference (default: the server's), loaded on first use and kept."""
+        reference = reference or self.upscaler_reference
+        if reference not in self._upscalers:
             from adapters.upscale import Upscaler  # torch and spandrel only when an upscale job comes
 
-            self._upscaler = Upscaler.load(self.upscaler_reference)
-            if self._upscaler.notice:
-                log.warning(self._upscaler.notice)
-        return self._upscaler
+            self._upscalers[reference] = Upscaler.load(reference)
+            if self._upscalers[reference].notice:
+                log.warning(self._upscalers[reference].notice)
+        return self._upscalers[reference]
+
+
+def scaled_upscaler(reference: str, scale: Optional[int]) -> str:
+    """The server's upscaler for an asked factor: Real-ESRGAN's (and the tiny model's stand-in's) own x2 or x4 file;
+    a model the user named stays itself (its output is then resized to the factor). No factor: the server's."""
+    if scale is None:
+        return reference
+    if reference in (default_upscaler(2), default_upscaler(4)):
+        return default_upscaler(scale)
+    if reference in ("tiny", f"tiny-{default_upscaler(2)}", f"tiny-{default_upscaler(4)}"):
+        return f"tiny-{default_upscaler(scale)}"
+    return reference
 
 
 def _upscale_record(source_id: str, source_size, size, upscaler, previous: Optional[dict]) -> dict:

@@ -95,6 +95,25 @@ LoRA at weight 1. An unknown or unfinished element is refused naming `userElemen
 resolver (the library alone) a non-empty userElements is refused naming `userElements`.
 A key Leonardo does not define is refused by name.
 
+refgen's extension (engine/studio and scripts): one top-level object `"refgen": {...}` for what Leonardo's fields
+cannot say. Leonardo's SDKs never send it (their schemas have no such key), so a Leonardo request means what it
+meant before. Errors name the path, e.g. `refgen.character.keep`.
+
+| key                     | refgen                          | notes                                                 |
+|-------------------------|---------------------------------|-------------------------------------------------------|
+| preset                  | preset (built-in or the user's) | instead of presetStyle, not both                      |
+| aspectRatio             | aspect_ratio ("16:9")           | instead of width/height, not both: the model's size   |
+|                         |                                 | of that shape (GET /refgen/catalog lists them)        |
+| bestOf                  | best_of (2-8)                   | N images ranked by identity score; needs a character  |
+| character.name          | CharacterReference(name=...)    | a saved character; not with Character Reference photos|
+| character.strengthType  | Low, Mid, High (or .weight 0-2) | a saved character's strength (photos: their entries') |
+| character.keep          | face, face+hair, face+hair+     | what it carries besides the face; a saved character's |
+|                         | outfit, all                     | default when absent                                   |
+| character.maskImageId   | mask (an UPLOADED image id)     | white = carried, over the first photo / anchor        |
+| character.maskMode      | replace, add, subtract          |                                                       |
+
+keep, maskImageId and maskMode apply to a saved character and to Character Reference photos alike.
+
 Answers (engine/api/server.py) speak Leonardo's enums, which both official SDKs validate. Schedulers, refgen ->
 Leonardo (`LEONARDO_SCHEDULERS`); the exact refgen name stays in the answer's "refgen" part:
 
@@ -135,7 +154,7 @@ from ..request_types import STRENGTH_WEIGHTS, Reference
 
 from .. import paths
 from ..errors import RefgenError
-from ..presets import normalise_name
+from ..presets import get_preset, normalise_name
 from ..request import GenerationRequest, LoraSpec
 from ..schedulers import canonical_name
 
@@ -359,7 +378,7 @@ MAPPED = {
     "prompt", "negative_prompt", "modelId", "width", "height", "num_images", "seed", "guidance_scale",
     "num_inference_steps", "scheduler", "presetStyle", "alchemy", "ultra", "photoReal", "photoRealVersion",
     "init_image_id", "init_generation_image_id", "init_strength", "controlNet", "controlNetType", "weighting",
-    "controlnets", "userElements",
+    "controlnets", "userElements", "refgen",
 }
 IGNORED = {  # field -> neutral value (no warning when sent at it)
     "public": False, "webhookCallbackUrl": None, "sd_version": None, "promptMagic": False,
@@ -414,6 +433,7 @@ def parse_generation(body: Mapping[str, Any], images: ImageResolver, models: Opt
     _legacy_controlnet(body, fields)
     _controlnets(body, images, fields)
     _loras(body, trained, fields)
+    _extension(body, images, fields)
     return fields.build()
 
 
@@ -794,3 +814,91 @@ def _user_element(entry: Any, trained: TrainedLoras, path: str) -> LoraSpec:
                                                          "this server's trained elements)")
     weight = _number(entry, "weight", f"{path}.weight")
     return _model(LoraSpec, path, path=str(lora), weight=1.0 if weight is None else weight)
+
+
+# ------------------------------------------------------------------------- refgen's extension object
+
+EXTENSION_KEYS = ("preset", "aspectRatio", "bestOf", "character")
+CHARACTER_KEYS = ("name", "strengthType", "weight", "keep", "maskImageId", "maskMode")
+CHARACTER_ORIGIN = {"name": "name", "strength_type": "strengthType", "weight": "weight", "keep": "keep",
+                    "mask": "maskImageId", "mask_mode": "maskMode"}  # CharacterReference field -> extension key
+
+
+def _extension(body: Mapping, images: ImageResolver, fields: _Fields) -> None:
+    """The `refgen` object (module docstring): preset, aspectRatio, bestOf, character."""
+    extension = body.get("refgen")
+    if extension is None:
+        return
+    if not isinstance(extension, Mapping):
+        raise LeonardoRequestError("refgen", f"must be an object of refgen's extension fields, got {type(extension).__name__}")
+    _only_keys(extension, EXTENSION_KEYS, "refgen")
+    if (preset := _string(extension, "preset", "refgen.preset")) is not None:
+        if body.get("presetStyle") is not None:
+            raise LeonardoRequestError("refgen.preset", "give presetStyle (Leonardo's styles) or refgen.preset, not both")
+        fields.put("preset", _known_preset(preset), "refgen.preset")
+    if (ratio := _string(extension, "aspectRatio", "refgen.aspectRatio")) is not None:
+        if "width" in fields.values:
+            raise LeonardoRequestError("refgen.aspectRatio", "give width/height or refgen.aspectRatio, not both")
+        fields.put("aspect_ratio", ratio, "refgen.aspectRatio")
+    if extension.get("character") is not None:
+        fields.put("character", _extended_character(extension["character"], images, fields.values.get("character")),
+                   "refgen.character")
+    if (best_of := _integer(extension, "bestOf", "refgen.bestOf")) is not None:
+        if "character" not in fields.values:
+            raise LeonardoRequestError("refgen.bestOf", "ranks images by their likeness to a character: give "
+                                                        "refgen.character or Character Reference photos")
+        fields.put("best_of", best_of, "refgen.bestOf")
+
+
+def _only_keys(mapping: Mapping, allowed: tuple[str, ...], path: str) -> None:
+    for key in mapping:
+        if key not in allowed:
+            raise LeonardoRequestError(f"{path}.{key}", f"unknown field; {path} has {', '.join(allowed)}")
+
+
+def _known_preset(name: str) -> str:
+    try:
+        return get_preset(name).name
+    except RefgenError as exc:
+        raise LeonardoRequestError("refgen.preset", str(exc)) from None
+
+
+def _saved_character(name: Any, path: str) -> None:
+    """A saved character's name is checked here, so an unknown one is a 422 rather than a failed job."""
+    from adapters.characters import CharacterError, CharacterStore
+
+    if not isinstance(name, str):
+        raise LeonardoRequestError(path, f"must be a saved character's name, got {name!r}")
+    try:
+        CharacterStore().get(name)
+    except CharacterError as exc:
+        raise LeonardoRequestError(path, str(exc)) from None
+
+
+def _extended_character(entry: Any, images: ImageResolver, photos: Optional[CharacterReference]) -> CharacterReference:
+    """refgen.character: a saved character, or keep/mask for the Character Reference photos."""
+    path = "refgen.character"
+    if not isinstance(entry, Mapping):
+        raise LeonardoRequestError(path, f"must be an object, got {type(entry).__name__}")
+    _only_keys(entry, CHARACTER_KEYS, path)
+    values = {field: entry[key] for field, key in CHARACTER_ORIGIN.items() if key in entry and entry[key] is not None}
+    if "weight" in values:
+        values["weight"] = _number(entry, "weight", f"{path}.weight")
+    if "mask" in values:
+        values["mask"] = _resolve(images, values["mask"], "UPLOADED", f"{path}.maskImageId")
+    if photos is not None:
+        if "name" in values:
+            raise LeonardoRequestError(f"{path}.name", "give a saved character or Character Reference photos "
+                                                       "(preprocessorId 133), not both")
+        if "weight" in values or "strength_type" in values:
+            raise LeonardoRequestError(path, "the photos' strength is their controlnets entries' weight or strengthType")
+        values = {**dict(photos), **values}
+    elif "name" not in values:
+        raise LeonardoRequestError(f"{path}.name", "is required: a saved character (GET /refgen/characters), or give "
+                                                   "Character Reference photos (controlnets preprocessorId 133)")
+    else:
+        _saved_character(values["name"], f"{path}.name")
+    try:
+        return CharacterReference(**values)
+    except ValidationError as exc:
+        raise _converted(exc, lambda loc: f"{path}.{CHARACTER_ORIGIN.get(str(loc[0]), loc[0])}" if loc else path) from None

@@ -16,12 +16,15 @@ Every path is under /api/rest/v1, so a Leonardo client works after changing its 
 | POST   /uploads/{id}                | 204 (like S3's presigned POST)        | authorised by the one-time token        |
 | GET    /init-image/{id}             | init_images_by_pk                     |                                         |
 | DELETE /init-image/{id}             | delete_init_images_by_pk {id}         |                                         |
-| POST   /variations/upscale          | sdUpscaleJob {id}                     | body {"id": generated image id}         |
+| POST   /variations/upscale          | sdUpscaleJob {id}                     | body {"id": generated image id}; refgen:|
+|                                     |                                       | {"scale": 2 or 4} (default: x4)         |
 | GET    /variations/{id}             | generated_image_variation_generic     | transformType UPSCALE; "error"          |
 | GET    /me                          | user_details                          | a single local user                     |
 | GET    /files/{uuid}.{ext}          | the image bytes                       | the URLs the answers above hand out     |
 | GET    /refgen/weights              | refgen extension                      | installed / missing per feature, fetch  |
 | GET    /generations/{id}/events     | text/event-stream (refgen extension)  | progress {step, total, phase}; done     |
+| *      /refgen/catalog, /refgen/images/{id}, /refgen/characters/... | refgen extensions (engine/api/refgen_routes.py) |
+| GET    /                            | refgen studio, the web page           | engine/studio (static files, no key)    |
 | POST   /datasets                    | insert_datasets_one {id}              | body {name, description}                |
 | GET    /datasets/{id}               | datasets_by_pk (+ dataset_images)     | uploaded images only                    |
 | DELETE /datasets/{id}               | delete_datasets_by_pk {id}            | its images too                          |
@@ -36,6 +39,9 @@ Every path is under /api/rest/v1, so a Leonardo client works after changing its 
 | GET    /models/{id}                 | custom_models_by_pk                   | progress under "refgen"; "error"        |
 | GET    /models/user/{userId}        | custom_models                         | newest first                            |
 | DELETE /models/{id}                 | delete_custom_models_by_pk {id}       |                                         |
+
+A generation body may carry refgen's extension object `"refgen": {preset, aspectRatio, bestOf, character}` (a
+saved character, a user preset, best-of-N; engine/api/leonardo.py's docstring); Leonardo's SDKs never send it.
 
 Ideogram 3.0's generate, edit and remix endpoints are served on the same app, store, queue and API key, at
 Ideogram's own paths (POST /v1/ideogram-v3/generate, /edit, /remix; multipart forms, `Api-Key` header, synchronous
@@ -62,8 +68,9 @@ is unknown (or not a UUID at all) is 404; a full queue is 429 with Retry-After.
 Security: with an API key every path needs `Authorization: Bearer <key>` (compared in constant
 time), except /docs and /openapi.json, the upload URL (its one-time token authorises it, as a
 presigned S3 POST does) and /files/ (the image URLs are capabilities: random UUID4 names, handed out
-only to authorised callers, like Leonardo's CDN links). `serve()` refuses a non-loopback address
-without a key. No user-supplied string ever becomes a file path: /files/ looks ids up in the store.
+only to authorised callers, like Leonardo's CDN links), and the studio page's own files at / (code, no data; the
+page asks for the key and sends it; its Content-Security-Policy lets it load nothing from elsewhere). `serve()`
+refuses a non-loopback address without a key. No user-supplied string ever becomes a file path: /files/ looks ids up in the store.
 """
 
 from __future__ import annotations
@@ -78,7 +85,7 @@ import re
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
@@ -91,7 +98,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..errors import InvalidImageError, RefgenError
-from . import ideogram_routes
+from . import ideogram_routes, refgen_routes
 from .leonardo import LeonardoRequestError, ModelTable, leonardo_scheduler, leonardo_style, parse_generation
 from .limits import UploadTooLarge, limited
 from .store import (DEFAULT_USER, IMAGE_EXTENSIONS, AssetStore, Generation, GeneratedImage, QueueFullError, StoreError,
@@ -117,10 +124,16 @@ class ServeError(RefgenError):
 
 # ------------------------------------------------------------------------------------------- app
 
+class UpscaleOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    scale: Literal[2, 4] = 4
+
+
 class UpscaleBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str
     isVariation: Optional[bool] = None  # Leonardo's variation flag; refgen upscales generated images only
+    refgen: Optional[UpscaleOptions] = None  # refgen extension: x2 or x4 (Leonardo's upscale is the server's x4)
 
 
 class InitImageBody(BaseModel):
@@ -152,7 +165,30 @@ def create_app(store: AssetStore, worker=None, *, api_key: Optional[str] = None,
     app.include_router(_public_router(context), prefix=PREFIX)
     _install_error_handlers(app)
     ideogram_routes.install(app, context, api_key, ideogram_wait_seconds)  # Ideogram 3.0's paths, same store and queue
+    _install_studio(app)  # last: the page's files answer every path no route above claims
     return app
+
+
+STUDIO_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+                 "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+
+
+def _install_studio(app: FastAPI) -> None:
+    """refgen studio (engine/studio) at `/`: static files under a policy that lets the page load nothing from
+    elsewhere. The page itself needs no key; everything it shows comes from the API, which does."""
+    from fastapi.staticfiles import StaticFiles
+
+    from ..studio import STATIC_DIR
+
+    app.mount("/", StaticFiles(directory=STATIC_DIR, html=True, check_dir=False), name="studio")
+
+    @app.middleware("http")
+    async def studio_policy(request: Request, call_next):
+        response = await call_next(request)
+        if not request.url.path.startswith((PREFIX, "/v1/", "/docs", "/redoc", "/openapi.json")):
+            response.headers.setdefault("Content-Security-Policy", STUDIO_POLICY)
+            response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
 
 
 class _Context:
@@ -163,6 +199,7 @@ class _Context:
         self.max_upload_bytes, self.max_pixels, self.max_queue = max_upload_bytes, max_pixels, max_queue
         self.trained = StoreLoras(store)
         self.training = TrainingSettings()
+        self.faces = refgen_routes.Faces(models.default)  # the character routes' face pack, loaded on first use
 
     def queue(self, body: dict, kind: str = "generation") -> Generation:
         try:
@@ -211,6 +248,7 @@ def _api_router(ctx: _Context) -> APIRouter:
     _dataset_routes(router, ctx)
     _element_routes(router, ctx)
     _model_routes(router, ctx)
+    refgen_routes.install(router, ctx.store, ctx.models, ctx.faces)
 
     @router.get("/refgen/weights", tags=["refgen"])
     def weights_status() -> dict:
@@ -366,7 +404,7 @@ def _variation_routes(router: APIRouter, ctx: _Context) -> None:
             ctx.store.generated_image(_uuid(body.id))
         except UnknownAssetError:
             raise LeonardoRequestError("id", f"unknown generated image id {body.id!r}") from None
-        job = ctx.queue({"id": body.id}, kind="upscale")
+        job = ctx.queue(body.model_dump(exclude_none=True, exclude={"isVariation"}), kind="upscale")
         return {"sdUpscaleJob": {"id": job.id, "apiCreditCost": 0}}
 
     @router.get("/variations/{variation_id}", tags=["variations"])

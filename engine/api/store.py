@@ -506,6 +506,15 @@ class AssetStore:
                 raise UnknownAssetError(f"unknown generation {generation_id}")
         self._remove_files(names)  # after the commit: a crash in between leaves files, never rows without files
 
+    def delete_image(self, image_id: str) -> GeneratedImage:
+        """One image of a generation (its generation and other images stay); returns what was deleted."""
+        image = self.generated_image(image_id)
+        with self._transaction() as db:
+            if db.execute("DELETE FROM generated_images WHERE id = ?", (image.id,)).rowcount == 0:
+                raise UnknownAssetError(f"unknown generated image {image_id}")
+        self._remove_files([image.path.name])  # after the commit, as delete_generation
+        return image
+
     def generated_image(self, image_id: str) -> GeneratedImage:
         rows = self._query("SELECT * FROM generated_images WHERE id = ?", (_checked_id(image_id),))
         if not rows:
