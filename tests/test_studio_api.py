@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from engine.api.server import PREFIX
+from engine.api.trainings import TrainingSettings
 from live_server import png_bytes, serving
 
 KEY = "studio-key"
@@ -24,7 +25,8 @@ SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 
 @pytest.fixture(scope="module")
 def api(refgen_home, tmp_path_factory):
-    with serving(tmp_path_factory.mktemp("studio_api"), api_key=KEY, model="tiny") as (base, _, store):
+    training = TrainingSettings(rank=4, max_steps=3, max_resolution=64)  # a LoRA in seconds on the tiny model
+    with serving(tmp_path_factory.mktemp("studio_api"), api_key=KEY, model="tiny", training=training) as (base, _, store):
         with httpx.Client(base_url=f"{base}{PREFIX}", headers=HEADERS, timeout=120) as client:
             yield SimpleNamespace(client=client, base=base, store=store)
             for character in client.get("/refgen/characters").json()["characters"]:  # the session's REFGEN_HOME is shared
@@ -194,6 +196,31 @@ def test_add_to_character_takes_a_generated_image_as_another_anchor(api):
     assert len(grown.json()["character"]["anchors"]) == 2
     assert api.client.delete("/refgen/characters/Studio Tom").json() == {"name": "Studio Tom"}
     assert api.client.get("/refgen/characters/Studio Tom").status_code == 404
+
+
+def test_a_lora_trained_from_a_character_is_listed_with_it_watched_and_used(api):
+    photos = [upload(api, png_bytes((128, 128), seed=10 + n)) for n in range(3)]
+    character = api.client.post("/refgen/characters", json={"name": "Studio Ann", "anchor": "ann, silver braid",
+                                                             "images": [{"id": photos[0]}]}).json()["character"]
+    too_few = api.client.post(f"/refgen/characters/{character['slug']}/train", json={"images": [{"id": photos[1]}]})
+    assert refused(too_few) == "images" and "add 3 or more" in too_few.json()["error"]
+
+    extra = [{"id": photo} for photo in photos[1:]] + [{"id": image["id"], "type": "GENERATED"}
+                                                        for image in generate(api, **SMALL, num_images=2)["generated_images"]]
+    started = api.client.post(f"/refgen/characters/{character['slug']}/train", json={"images": extra, "epochs": 1})
+    assert started.status_code == 201, started.text
+    element_id = started.json()["sdTrainingJob"]["userLoraId"]
+    listed = api.client.get(f"/refgen/characters/{character['slug']}").json()["character"]["trainings"]
+    assert [training["userLoraId"] for training in listed] == [element_id]
+
+    deadline = time.monotonic() + 120
+    while (element := api.client.get(f"/elements/{element_id}").json()["user_loras_by_pk"])["status"] == "PENDING":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert element["status"] == "COMPLETE" and element["instancePrompt"] == "ann, silver braid"
+    assert len(api.client.get(f"/datasets/{element['refgen']['datasetId']}").json()["datasets_by_pk"]["dataset_images"]) == 5
+    used = generate(api, **SMALL, userElements=[{"userLoraId": element_id, "weight": 1}])
+    assert len(used["generated_images"]) == 1
 
 
 @pytest.mark.parametrize("body, field, words", [

@@ -21,6 +21,15 @@ these and the Leonardo routes.
 | POST   /refgen/characters/{name}/anchors        | {id, type}: one more anchor (add to character, max 5)   |
 | GET    /refgen/characters/{name}/anchors/{n}    | anchor n's picture (PNG; n from 1)                      |
 | GET    /refgen/characters/{name}/face           | the aligned face crop the identity comes from           |
+| POST   /refgen/characters/{name}/train          | {images?, epochs?, learningRate?, resolution?,          |
+|                                                 | trainTextEncoder?}: a LoRA of the character, trained on |
+|                                                 | its anchors + `images` (5 pictures at least) as an      |
+|                                                 | element (POST /elements' queue): sdTrainingJob          |
+|                                                 | {userLoraId}; watch GET /elements/{id}, use it with     |
+|                                                 | userElements. A character lists its trainings.          |
+
+A character's trainings are the elements whose description is "refgen character <slug>" (what /train writes);
+their trigger is the character's identity anchor text (or its name).
 
 Character pictures need the key (they are the user's photos), unlike /files/ URLs: fetch them with the header.
 Faces are found with the server model's face pack (the tiny model's stand-ins for `--model tiny`), loaded on the
@@ -39,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .leonardo import LeonardoRequestError, ModelTable
 from .store import AssetStore, Generation, GeneratedImage, UnknownAssetError
+from .trainings import MIN_IMAGES as MIN_TRAINING_IMAGES, element_job
 
 CONTROLS = [{"preprocessorId": 19, "name": "Edge", "type": "canny"},
             {"preprocessorId": 20, "name": "Depth", "type": "depth"},
@@ -61,6 +71,15 @@ class CharacterBody(BaseModel):
     images: list[ImageRef] = Field(min_length=1)
 
 
+class CharacterTrainingBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    images: list[ImageRef] = Field(default_factory=list, max_length=195)  # besides the anchors (200 at most in all)
+    epochs: int = Field(default=100, ge=1, le=250)  # 5 pictures x 100 = 500 steps, a usual character LoRA
+    learningRate: float = Field(default=1e-4, gt=0, le=1e-2)
+    resolution: Optional[int] = None  # default: the element default (1024)
+    trainTextEncoder: bool = False
+
+
 class Faces:
     """The server's face analyser: the server model's pack, loaded once, on the first character request."""
 
@@ -80,11 +99,13 @@ class Faces:
             return self._analyzer
 
 
-def install(router: APIRouter, store: AssetStore, models: ModelTable, faces: Faces) -> None:
-    """Add the routes above to `router` (the authorised API router)."""
-    _catalog_route(router, models)
-    _image_routes(router, store)
-    _character_routes(router, store, faces)
+def install(router: APIRouter, ctx: Any) -> None:
+    """Add the routes above to `router` (the authorised API router); `ctx` is the server's shared context (store,
+    models, faces, training settings, queue_training)."""
+    _catalog_route(router, ctx.models)
+    _image_routes(router, ctx.store)
+    _character_routes(router, ctx.store, ctx.faces)
+    _character_training_route(router, ctx)
 
 
 # ------------------------------------------------------------------------------------------ catalog
@@ -175,7 +196,7 @@ def _character_routes(router: APIRouter, store: AssetStore, faces: Faces) -> Non
 
     @router.get("/refgen/characters", tags=["refgen"])
     def list_characters(request: Request) -> dict:
-        return {"characters": [character_json(c, request) for c in CharacterStore().list()]}
+        return {"characters": [character_json(c, request, store) for c in CharacterStore().list()]}
 
     @router.post("/refgen/characters", tags=["refgen"], status_code=201)
     def create_character(body: CharacterBody, request: Request) -> dict:
@@ -186,12 +207,12 @@ def _character_routes(router: APIRouter, store: AssetStore, faces: Faces) -> Non
         with _character_errors("images"):
             photos = [_image_path(store, ref, f"images[{index}]") for index, ref in enumerate(body.images)]
             character = characters.create(body.name, photos, faces.analyzer(), anchor=body.anchor, select="single")
-        return {"character": character_json(character, request)}
+        return {"character": character_json(character, request, store)}
 
     @router.get("/refgen/characters/{name}", tags=["refgen"])
     def get_character(name: str, request: Request) -> dict:
         with _character_errors():
-            return {"character": character_json(CharacterStore().get(name), request)}
+            return {"character": character_json(CharacterStore().get(name), request, store)}
 
     @router.delete("/refgen/characters/{name}", tags=["refgen"])
     def delete_character(name: str) -> dict:
@@ -208,7 +229,7 @@ def _character_routes(router: APIRouter, store: AssetStore, faces: Faces) -> Non
         with _character_errors("id"):
             characters.get(name)  # unknown: 404 before the face models load
             character = characters.add_anchor(name, _image_path(store, body, "id"), faces.analyzer(), select="single")
-        return {"character": character_json(character, request)}
+        return {"character": character_json(character, request, store)}
 
     @router.get("/refgen/characters/{name}/anchors/{number}", tags=["refgen"], name="character_anchor")
     def get_anchor(name: str, number: int) -> FileResponse:
@@ -242,14 +263,56 @@ def _character_errors(field: str = "name") -> Iterator[None]:
         raise LeonardoRequestError(field, str(exc)) from None
 
 
-def character_json(character: Any, request: Request) -> dict:
+def character_json(character: Any, request: Request, store: AssetStore) -> dict:
     anchors = [{"index": number, "url": str(request.url_for("character_anchor", name=character.slug, number=number)),
                 "width": info["size"][0], "height": info["size"][1], "bbox": info["bbox"],
                 "detScore": info.get("det_score")}
                for number, info in enumerate(character.anchors, start=1)]
     return {"name": character.name, "slug": character.slug, "anchor": character.anchor, "created": character.created,
             "keep": character.keep, "hasMask": character.mask_path is not None, "lora": character.lora or None,
-            "anchors": anchors, "faceUrl": str(request.url_for("character_face", name=character.slug))}
+            "anchors": anchors, "faceUrl": str(request.url_for("character_face", name=character.slug)),
+            "trainings": [{"userLoraId": int(t.id), "status": t.job.status, "progress": t.job.progress, "error": t.job.error}
+                          for t in character_trainings(store, character.slug)]}
+
+
+def character_trainings(store: AssetStore, slug: str) -> list:
+    """The elements trained from this character (newest first), by the description /train gives them."""
+    from .store import DEFAULT_USER
+
+    return [t for t in store.list_trainings("element", DEFAULT_USER, 0, 1000) if t.description == _training_mark(slug)]
+
+
+def _training_mark(slug: str) -> str:
+    return f"refgen character {slug}"
+
+
+def _character_training_route(router: APIRouter, ctx: Any) -> None:
+    from adapters.characters import CharacterStore
+
+    @router.post("/refgen/characters/{name}/train", tags=["refgen"], status_code=201)
+    def train_character(name: str, body: CharacterTrainingBody) -> dict:
+        """A LoRA of the character on its anchors plus `images`, queued as an element: poll GET /elements/{id}."""
+        with _character_errors():
+            character = CharacterStore().get(name)
+        photos = [*character.anchor_paths, *(_image_path(ctx.store, ref, f"images[{i}]") for i, ref in enumerate(body.images))]
+        if len(photos) < MIN_TRAINING_IMAGES:
+            raise LeonardoRequestError("images", f"a LoRA trains on {MIN_TRAINING_IMAGES} pictures at least: "
+                                                 f"{character.name} has {len(character.anchor_paths)} anchor image(s); "
+                                                 f"add {MIN_TRAINING_IMAGES - len(photos)} or more images")
+        element = {"name": character.name, "description": _training_mark(character.slug), "lora_focus": "Character",
+                   "instance_prompt": character.anchor or character.name, "num_train_epochs": body.epochs,
+                   "learning_rate": body.learningRate, "sd_version": "SDXL_1_0", "train_text_encoder": body.trainTextEncoder,
+                   **({"resolution": body.resolution} if body.resolution else {})}
+        dataset = ctx.store.create_dataset(f"character {character.name}", _training_mark(character.slug))
+        try:
+            for photo in photos:
+                ctx.store.add_dataset_image(dataset.id, photo.read_bytes(), photo.suffix.lstrip(".").lower(), ctx.max_pixels)
+            element["datasetId"] = dataset.id
+            training = ctx.queue_training("element", element, element_job(element, ctx.store, ctx.training, ctx.models.default))
+        except BaseException:
+            ctx.store.delete_dataset(dataset.id)  # nothing queued: nothing kept
+            raise
+        return {"sdTrainingJob": {"userLoraId": int(training.id), "apiCreditCost": 0}, "datasetId": dataset.id}
 
 
 def _image_path(store: AssetStore, ref: ImageRef, path: str):

@@ -248,7 +248,7 @@ def _api_router(ctx: _Context) -> APIRouter:
     _dataset_routes(router, ctx)
     _element_routes(router, ctx)
     _model_routes(router, ctx)
-    refgen_routes.install(router, ctx.store, ctx.models, ctx.faces)
+    refgen_routes.install(router, ctx)
 
     @router.get("/refgen/weights", tags=["refgen"])
     def weights_status() -> dict:
