@@ -183,6 +183,8 @@ def _upscale_then_delete(sdk, api, record) -> None:
     done = finished(lambda job_id: variation(sdk, job_id), job.id)
     assert (done.status, done.transform_type) == (shared.JobStatus.COMPLETE, shared.VariationType.UPSCALE)
     assert httpx.get(done.url).status_code == 200
+    listed = generation(sdk, record.id).generated_images[0].generated_image_variation_generics  # listed under its image
+    assert [(v.id, v.status, v.transform_type, v.url) for v in listed] == [(job.id, done.status, done.transform_type, done.url)]
 
     with paused(api.worker):
         doomed = parsed(sdk.variation.create_variation_upscale(request={"id": source.id})).sd_upscale_job

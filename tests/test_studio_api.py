@@ -114,6 +114,7 @@ def test_an_images_recipe_is_its_provenance_and_its_replay_body_makes_the_same_p
     second = made["generated_images"][1]
     info = api.client.get(f"/refgen/images/{second['id']}").json()
     assert info["seed"] == 78 and info["generationId"] == made["id"] and info["rank"] is None
+    assert [image["rank"] for image in made["refgen"]["images"]] == [None, None]
     assert info["recipe"]["resolved"]["seeds"] == [77, 78] and info["recipe"]["resolved"]["steps"] == 2
     assert info["replay"]["seed"] == 78 and "num_images" not in info["replay"]
 
@@ -171,6 +172,7 @@ def test_a_saved_character_by_name_with_best_of_gives_ranked_scored_images(api, 
     infos = [api.client.get(f"/refgen/images/{image['id']}").json() for image in made["generated_images"]]
     scores = [info["identityScore"] for info in infos]
     assert [info["rank"] for info in infos] == [1, 2] and scores == sorted(scores, reverse=True)
+    assert [image["rank"] for image in made["refgen"]["images"]] == [1, 2]  # the gallery's list shows the ranking too
     assert sorted(info["seed"] for info in infos) == [5, 6]
     character = infos[0]["recipe"]["resolved"]["character"]
     assert character["name"] == "Studio Mira" and character["strength_type"] == "High"

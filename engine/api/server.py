@@ -281,7 +281,7 @@ def _generation_routes(router: APIRouter, ctx: _Context) -> None:
     @router.get("/generations/{generation_id}", tags=["generations"])
     def get_generation(generation_id: str, request: Request) -> dict:
         generation = _job(ctx.store, generation_id, "generation")
-        return _with_error({"generations_by_pk": _generation_json(generation, request)}, generation)
+        return _with_error({"generations_by_pk": _generation_json(generation, request, ctx.store)}, generation)
 
     @router.get("/generations/{generation_id}/events", tags=["generations"])
     async def generation_events(generation_id: str, request: Request) -> StreamingResponse:
@@ -295,7 +295,7 @@ def _generation_routes(router: APIRouter, ctx: _Context) -> None:
     @router.get("/generations/user/{user_id}", tags=["generations"])
     def user_generations(user_id: str, request: Request, offset: int = Query(0, ge=0),
                          limit: int = Query(10, ge=1, le=100)) -> dict:
-        return {"generations": [_generation_json(g, request) for g in _generations_only(ctx.store, user_id, offset, limit)]}
+        return {"generations": [_generation_json(g, request, ctx.store) for g in _generations_only(ctx.store, user_id, offset, limit)]}
 
     @router.delete("/generations/{generation_id}", tags=["generations"])
     def delete_generation(generation_id: str) -> dict:
@@ -319,7 +319,7 @@ async def _events(store: AssetStore, job_id: str, request: Request) -> AsyncIter
             yield _event("progress", state)
             last = state
         if job.status != "PENDING":
-            yield _event("done", _with_error({"generations_by_pk": _generation_json(job, request)}, job))
+            yield _event("done", _with_error({"generations_by_pk": _generation_json(job, request, store)}, job))
             return
         await asyncio.sleep(EVENT_POLL_SECONDS)
 
@@ -639,8 +639,9 @@ def _with_error(answer: dict, job: Generation) -> dict:
     return {**answer, "error": job.error} if job.status == "FAILED" and job.error else answer
 
 
-def _generation_json(generation: Generation, request: Request) -> dict:
+def _generation_json(generation: Generation, request: Request, store: AssetStore) -> dict:
     body, first = generation.body, (generation.images[0] if generation.images else None)
+    upscales = store.upscales_of([image.id for image in generation.images])
     width, height = _image_size(first, body)
     resolved = first.metadata.get("resolved") if first is not None else None
     resolved = resolved if isinstance(resolved, dict) else {}  # what actually ran (preset and mode defaults filled in)
@@ -655,11 +656,12 @@ def _generation_json(generation: Generation, request: Request) -> dict:
         presetStyle=leonardo_style(body.get("presetStyle")),
         initStrength=_real(resolved.get("init_strength", body.get("init_strength"))),
         photoReal=bool(body.get("photoReal")), public=False, generation_elements=[],
-        generated_images=[_image_json(image, request) for image in generation.images],
+        generated_images=[_image_json(image, request, upscales.get(image.id, ())) for image in generation.images],
         refgen={
             "error": generation.error, "startedAt": generation.started_at, "finishedAt": generation.finished_at,
             "scheduler": resolved.get("scheduler"),  # the exact sampler that ran: Leonardo's enum is coarser
-            "images": [{"id": image.id, "seed": image.seed, "identityScore": image.identity_score} for image in generation.images],
+            "images": [{"id": image.id, "seed": image.seed, "identityScore": image.identity_score,
+                        "rank": image.index + 1 if resolved.get("ranked") else None} for image in generation.images],
             "progress": generation.progress,  # while it runs: {"step", "total", "phase"} (a refgen extension)
         },
     )
@@ -672,9 +674,11 @@ def _image_size(image: Optional[GeneratedImage], body: dict) -> tuple[Any, Any]:
     return body.get("width"), body.get("height")
 
 
-def _image_json(image: GeneratedImage, request: Request) -> dict:
+def _image_json(image: GeneratedImage, request: Request, upscales: Sequence[Generation] = ()) -> dict:
+    variations = [_leonardo(id=job.id, status=job.status, transformType="UPSCALE",
+                            url=_file_url(request, job.images[0].id, "png") if job.images else None) for job in upscales]
     return {"id": image.id, "url": _file_url(request, image.id, "png"), "nsfw": False, "likeCount": 0,
-            "generated_image_variation_generics": []}
+            "generated_image_variation_generics": variations}
 
 
 def _variation_json(job: Generation, request: Request) -> dict:

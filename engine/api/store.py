@@ -488,6 +488,20 @@ class AssetStore:
                               path=self._file(row["path"]), identity_score=row["identity_score"],
                               metadata=json.loads(row["metadata"]))
 
+    def upscales_of(self, image_ids: list[str]) -> dict[str, list[Generation]]:
+        """The upscale jobs of each generated image (oldest first): Leonardo lists them under the image."""
+        if not image_ids:
+            return {}
+        marks = ", ".join("?" * len(image_ids))
+        with self._lock:
+            rows = self._query(f"SELECT * FROM generations WHERE kind = 'upscale' AND json_extract(body, '$.id') IN ({marks}) "
+                               "ORDER BY seq", tuple(image_ids))
+            jobs = [self._generation(row) for row in rows]
+        found: dict[str, list[Generation]] = {}
+        for job in jobs:
+            found.setdefault(job.body["id"], []).append(job)
+        return found
+
     def list_generations(self, user_id: str, offset: int = 0, limit: int = 10) -> list[Generation]:
         if offset < 0 or limit < 0:
             raise StoreError(f"offset and limit must be >= 0, got offset={offset}, limit={limit}")
