@@ -176,7 +176,9 @@ def _ranked(image: GeneratedImage) -> bool:
 
 def replay_body(job: Generation, image: GeneratedImage) -> Optional[dict]:
     """The generation body that makes `image` alone: the job's body at the image's own seed (image i of a request
-    is seed + i, and best-of's ranked images keep theirs), one image, no best-of. None for other job kinds."""
+    is seed + i, and best-of's ranked images keep theirs), one image, no best-of. None for other job kinds.
+    The pixels are the same exactly for an image of a 1-image generation; an image made in a batch of several comes
+    back within 1/255 (a batch of N and a batch of 1 round differently in float; tests/test_studio_api.py)."""
     if job.kind != "generation":
         return None
     body = {key: value for key, value in job.body.items() if key != "num_images"}
