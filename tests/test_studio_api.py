@@ -263,3 +263,14 @@ def test_the_refgen_object_is_checked_before_queueing_naming_the_field(api, mira
     pending = api.store.pending_count()
     assert refused(api.client.post("/generations", json={"prompt": "x", **extra})) == field
     assert api.store.pending_count() == pending
+
+# ------------------------------------------------------------------------------------------ the page
+
+def test_the_page_is_served_at_the_root_without_a_key_under_a_self_only_policy(api):
+    page = httpx.get(f"{api.base}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "script-src 'self'" in policy
+    assert httpx.get(f"{api.base}{PREFIX}/me").status_code == 401  # the API behind it still needs the key
+    assert api.client.get("/me").headers["content-type"] == "application/json"
+    assert httpx.get(f"{api.base}/openapi.json").json()["info"]["title"] == "refgen local API"
