@@ -182,6 +182,8 @@ def test_a_tiny_generate_prints_no_third_party_progress_or_logs(refgen_home, tmp
     ("generate", ["--speed", "fast"], "--speed"),
     ("serve", ["--speed", "fast"], "--speed"),
     ("serve", ["--warm-up", "1024"], "--warm-up"),
+    ("serve", ["--train-max-steps", "0"], "--train-max-steps"),
+    ("serve", ["--train-max-resolution", "32"], "--train-max-resolution"),
 ])
 def test_speed_options_are_checked_before_anything_loads_or_listens(refgen_home, tmp_path, command, option, expected):
     arguments = ["generate", "x", *TINY, "--out", str(tmp_path)] if command == "generate" else ["serve", "--model", "tiny"]

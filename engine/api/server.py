@@ -797,7 +797,7 @@ def _is_loopback(host: str) -> bool:
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key: Optional[str] = None, model: Optional[str] = None,
           device: Optional[str] = None, dtype: Optional[str] = None, *, upscaler: Optional[str] = None,
           max_queue: int = 64, store: Optional[AssetStore] = None, log_level: str = "info", speed: str = "auto",
-          warm_up: Sequence[tuple[int, int]] = ()) -> None:
+          warm_up: Sequence[tuple[int, int]] = (), training: Optional[TrainingSettings] = None) -> None:
     """Run the API until interrupted: store + engine runner + worker thread + uvicorn; Ctrl-C stops all."""
     import uvicorn
 
@@ -807,7 +807,7 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key: Optional[s
 
         pick_device(device, dtype)
     app, worker = service(store or AssetStore(), api_key=api_key, model=model, device=device, dtype=dtype,
-                          upscaler=upscaler, max_queue=max_queue, speed=speed, warm_up=warm_up)
+                          upscaler=upscaler, max_queue=max_queue, speed=speed, warm_up=warm_up, training=training)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     worker.start()
     log.info("refgen API on http://%s:%d%s (docs: /docs)", host, port, PREFIX)

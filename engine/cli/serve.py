@@ -1,4 +1,4 @@
-"""`refgen serve [--host H] [--port P] [--api-key KEY] [--model M] [--device D] [--dtype T]`
+"""`refgen serve [--host H] [--port P] [--api-key KEY] [--model M] [--device D] [--dtype T] [--train-max-steps N] ...`
 
 The Leonardo-compatible local HTTP API (engine/api/server.py). A plain typer command function; the
 main CLI mounts it with `app.command()(serve)`. Without an API key it listens on loopback only.
@@ -39,6 +39,8 @@ def serve(
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Queued jobs before POST answers 429.")] = 64,
     speed: Annotated[SpeedChoice, typer.Option("--speed", help="auto, eager, compiled or max (auto: compiled on a GPU). Compiled engines compile once per image size and batch; the compiled kernels are cached on disk for the next start.")] = SpeedChoice.auto,
     warm_up: Annotated[Optional[list[str]], typer.Option("--warm-up", metavar="WxH", help="Generate once at this size when a model loads, so the first job of that size does not wait for compilation (repeatable).")] = None,
+    train_max_steps: Annotated[Optional[int], typer.Option("--train-max-steps", min=1, show_default=False, help="Cap on the steps of a LoRA training asked for over the API (POST /elements, /models, a character's /train) [default: no cap].")] = None,
+    train_max_resolution: Annotated[Optional[int], typer.Option("--train-max-resolution", min=64, show_default=False, help="Cap on a training's resolution in px [default: no cap].")] = None,
 ) -> None:
     """Serve Leonardo's REST API (/api/rest/v1/...) from this machine; OpenAPI docs at /docs.
 
@@ -48,12 +50,15 @@ def serve(
       refgen serve --host 0.0.0.0 --api-key "$(openssl rand -hex 16)"
       refgen serve --model tiny --port 9000         # offline smoke server
       refgen serve --speed compiled --warm-up 1024x1024 --warm-up 1344x768
+      refgen serve --train-max-steps 1500 --train-max-resolution 1024   # what API users may ask of the GPU
     """
     from ..api.server import serve as run_server
+    from ..api.trainings import TrainingSettings
 
     with refgen_errors(tiny_model=True):
+        training = TrainingSettings(max_steps=train_max_steps, max_resolution=train_max_resolution)
         run_server(host, port, api_key or None, model, device, dtype, upscaler=upscaler, max_queue=max_queue,
-                   speed=speed.value, warm_up=[_size(text) for text in warm_up or []])
+                   speed=speed.value, warm_up=[_size(text) for text in warm_up or []], training=training)
 
 
 def _size(text: str) -> tuple[int, int]:
