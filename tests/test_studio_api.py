@@ -188,6 +188,23 @@ def test_the_character_mask_applies_to_photos_given_as_character_references(api)
     assert recipe["character_appearance"]["keep"] == "face+hair" and recipe["character_appearance"]["picture_sha256"]
 
 
+@pytest.mark.parametrize("mask, words", [
+    (Image.new("L", (100, 128), 255), "it must be the size of the reference photo, 128x128"),
+    (Image.new("RGB", (128, 128), (255, 0, 0)), "must be greyscale"),
+    (Image.new("L", (128, 128), 0), "is empty"),
+])
+def test_a_character_mask_that_cannot_cover_the_picture_is_refused_before_queueing(api, mira, mask, words):
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    mask_id = upload(api, buffer.getvalue())
+    for character in ({"name": mira["name"]}, {}):  # a saved character's first anchor, or the first photo
+        photos = [] if character else [{"initImageId": upload(api, png_bytes((128, 128))), "initImageType": "UPLOADED",
+                                        "preprocessorId": 133}]
+        answer = api.client.post("/generations", json={"prompt": "x", **SMALL, "controlnets": photos, "refgen": {
+            "character": {**character, "keep": "face+hair", "maskImageId": mask_id}}})
+        assert refused(answer) == "refgen.character.maskImageId" and words in answer.json()["error"]
+
+
 def test_add_to_character_takes_a_generated_image_as_another_anchor(api):
     photo = upload(api, png_bytes((128, 128), seed=4))
     created = api.client.post("/refgen/characters", json={"name": "Studio Tom", "images": [{"id": photo}]}).json()

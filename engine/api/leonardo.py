@@ -153,7 +153,8 @@ from ..request_types import CharacterReference
 from ..request_types import STRENGTH_WEIGHTS, Reference
 
 from .. import paths
-from ..errors import RefgenError
+from ..errors import InvalidImageError, RefgenError
+from ..images import load_rgb
 from ..presets import get_preset, normalise_name
 from ..request import GenerationRequest, LoraSpec
 from ..schedulers import canonical_name
@@ -863,15 +864,25 @@ def _known_preset(name: str) -> str:
         raise LeonardoRequestError("refgen.preset", str(exc)) from None
 
 
-def _saved_character(name: Any, path: str) -> None:
+def _saved_character(name: Any, path: str):
     """A saved character's name is checked here, so an unknown one is a 422 rather than a failed job."""
     from adapters.characters import CharacterError, CharacterStore
 
     if not isinstance(name, str):
         raise LeonardoRequestError(path, f"must be a saved character's name, got {name!r}")
     try:
-        CharacterStore().get(name)
+        return CharacterStore().get(name)
     except CharacterError as exc:
+        raise LeonardoRequestError(path, str(exc)) from None
+
+
+def _check_mask(mask: ImageSource, size: tuple[int, int], path: str) -> None:
+    """The character mask against the size of the picture it covers: that size, grey, and not empty."""
+    from adapters.appearance import CharacterMaskError, checked_mask
+
+    try:
+        checked_mask(mask, size)
+    except (CharacterMaskError, InvalidImageError) as exc:
         raise LeonardoRequestError(path, str(exc)) from None
 
 
@@ -897,7 +908,10 @@ def _extended_character(entry: Any, images: ImageResolver, photos: Optional[Char
         raise LeonardoRequestError(f"{path}.name", "is required: a saved character (GET /refgen/characters), or give "
                                                    "Character Reference photos (controlnets preprocessorId 133)")
     else:
-        _saved_character(values["name"], f"{path}.name")
+        saved = _saved_character(values["name"], f"{path}.name")
+    if values.get("mask") is not None:  # checked against the picture it covers now, rather than failing the job
+        covered = load_rgb(photos.images[0], "character image 1").size if photos is not None else tuple(saved.anchors[0]["size"])
+        _check_mask(values["mask"], covered, f"{path}.maskImageId")
     try:
         return CharacterReference(**values)
     except ValidationError as exc:

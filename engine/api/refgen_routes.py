@@ -193,17 +193,23 @@ def replay_body(job: Generation, image: GeneratedImage) -> Optional[dict]:
 
 # --------------------------------------------------------------------------------------- characters
 
-def _character_routes(router: APIRouter, store: AssetStore, faces: Faces) -> None:
+def _characters():
+    """The user's character store ($REFGEN_HOME/characters), imported when a character route runs: the face layer
+    brings OpenCV, and `refgen serve` starts without it (tests/test_layering.py)."""
     from adapters.characters import CharacterStore
 
+    return CharacterStore()
+
+
+def _character_routes(router: APIRouter, store: AssetStore, faces: Faces) -> None:
     @router.get("/refgen/characters", tags=["refgen"])
     def list_characters(request: Request) -> dict:
-        return {"characters": [character_json(c, request, store) for c in CharacterStore().list()]}
+        return {"characters": [character_json(c, request, store) for c in _characters().list()]}
 
     @router.post("/refgen/characters", tags=["refgen"], status_code=201)
     def create_character(body: CharacterBody, request: Request) -> dict:
         """A character from 1-5 photos of one person (uploaded or generated image ids)."""
-        characters = CharacterStore()
+        characters = _characters()
         with _character_errors("name"):
             characters.folder(body.name)  # a bad name is refused before the face models load
         with _character_errors("images"):
@@ -214,11 +220,11 @@ def _character_routes(router: APIRouter, store: AssetStore, faces: Faces) -> Non
     @router.get("/refgen/characters/{name}", tags=["refgen"])
     def get_character(name: str, request: Request) -> dict:
         with _character_errors():
-            return {"character": character_json(CharacterStore().get(name), request, store)}
+            return {"character": character_json(_characters().get(name), request, store)}
 
     @router.delete("/refgen/characters/{name}", tags=["refgen"])
     def delete_character(name: str) -> dict:
-        characters = CharacterStore()
+        characters = _characters()
         with _character_errors():
             name = characters.get(name).name
             characters.delete(name)
@@ -227,7 +233,7 @@ def _character_routes(router: APIRouter, store: AssetStore, faces: Faces) -> Non
     @router.post("/refgen/characters/{name}/anchors", tags=["refgen"])
     def add_anchor(name: str, body: ImageRef, request: Request) -> dict:
         """One more anchor picture (e.g. a generated image that came out right): add to character."""
-        characters = CharacterStore()
+        characters = _characters()
         with _character_errors("id"):
             characters.get(name)  # unknown: 404 before the face models load
             character = characters.add_anchor(name, _image_path(store, body, "id"), faces.analyzer(), select="single")
@@ -236,7 +242,7 @@ def _character_routes(router: APIRouter, store: AssetStore, faces: Faces) -> Non
     @router.get("/refgen/characters/{name}/anchors/{number}", tags=["refgen"], name="character_anchor")
     def get_anchor(name: str, number: int) -> FileResponse:
         with _character_errors():
-            paths = CharacterStore().get(name).anchor_paths
+            paths = _characters().get(name).anchor_paths
         if not 1 <= number <= len(paths):
             raise UnknownAssetError(f"character {name!r} has anchors 1-{len(paths)}, not {number}")
         return FileResponse(paths[number - 1], media_type="image/png")
@@ -244,7 +250,7 @@ def _character_routes(router: APIRouter, store: AssetStore, faces: Faces) -> Non
     @router.get("/refgen/characters/{name}/face", tags=["refgen"], name="character_face")
     def get_face(name: str) -> FileResponse:
         with _character_errors():
-            return FileResponse(CharacterStore().get(name).face_path, media_type="image/png")
+            return FileResponse(_characters().get(name).face_path, media_type="image/png")
 
 
 @contextmanager
@@ -289,13 +295,11 @@ def _training_mark(slug: str) -> str:
 
 
 def _character_training_route(router: APIRouter, ctx: Any) -> None:
-    from adapters.characters import CharacterStore
-
     @router.post("/refgen/characters/{name}/train", tags=["refgen"], status_code=201)
     def train_character(name: str, body: CharacterTrainingBody) -> dict:
         """A LoRA of the character on its anchors plus `images`, queued as an element: poll GET /elements/{id}."""
         with _character_errors():
-            character = CharacterStore().get(name)
+            character = _characters().get(name)
         photos = [*character.anchor_paths, *(_image_path(ctx.store, ref, f"images[{i}]") for i, ref in enumerate(body.images))]
         if len(photos) < MIN_TRAINING_IMAGES:
             raise LeonardoRequestError("images", f"a LoRA trains on {MIN_TRAINING_IMAGES} pictures at least: "
