@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .batch import batch
 from .character import character_app
 from .error_lines import refgen_errors
 from .serve import SpeedChoice, serve
@@ -55,7 +56,7 @@ REMIX_FLAGS = MappingProxyType({
     "weight": "--control-weight",
 })
 # Commands that load diffusers/transformers models; others skip importing them (seconds) just to silence them.
-MODEL_COMMANDS = frozenset({"generate", "remix", "replay", "serve", "train"})
+MODEL_COMMANDS = frozenset({"batch", "generate", "remix", "replay", "serve", "train"})
 
 
 @app.callback()
@@ -446,3 +447,4 @@ app.command()(upscale)  # defined in upscale.py / sheet.py; registered last so `
 app.command()(sheet)
 app.command()(serve)
 app.command()(train)
+app.command()(batch)
