@@ -88,10 +88,12 @@ class Server:
 
 @contextlib.contextmanager
 def refgen_server(home: Path, *, weights: Optional[Path] = None, api_key: Optional[str] = None,
-                  model: Optional[str] = "tiny", timeout: float = 60) -> Iterator[Server]:
+                  model: Optional[str] = "tiny", timeout: float = 60, train_max_steps: Optional[int] = None,
+                  train_max_resolution: Optional[int] = None) -> Iterator[Server]:
     """`refgen serve --model tiny --port <free>` with REFGEN_HOME=home (and REFGEN_WEIGHTS, the committed manifest),
     offline; yields once it answers, stops it after. model None: the server's default (SDXL base, whose weights
-    an empty weights folder lacks)."""
+    an empty weights folder lacks). train_max_*: the server's caps on LoRA trainings (a few small steps keep a
+    training a second long on the CPU)."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = dict(os.environ, REFGEN_HOME=str(home), REFGEN_WEIGHTS=str(weights or home / "weights"),
@@ -100,6 +102,10 @@ def refgen_server(home: Path, *, weights: Optional[Path] = None, api_key: Option
     command = refgen_command() + ["serve", "--port", str(port)] + (["--model", model] if model else [])
     if api_key:
         command += ["--api-key", api_key]
+    if train_max_steps:
+        command += ["--train-max-steps", str(train_max_steps)]
+    if train_max_resolution:
+        command += ["--train-max-resolution", str(train_max_resolution)]
     log = home / "serve.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(home))
@@ -267,12 +273,14 @@ def pixels(data: bytes) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ flows
 
 def generate(page: Page, prompt: str, *, style: Optional[Path] = None, control: Optional[Path] = None, steps: int = 4,
-             images: int = 1, character: Optional[str] = None, best_of: int = 0, timeout: float = 90):
+             images: int = 1, character: Optional[str] = None, best_of: int = 0, timeout: float = 90, fresh: bool = True):
     """Fill the Generate form (style reference, Edge unit, a saved character with best-of, steps in Advanced) and
-    press Generate; returns the finished job card."""
+    press Generate; returns the finished job card. fresh False: the form as it is (what another view put in it),
+    else a new page load."""
     from selenium.webdriver.support.ui import Select
 
-    page.open("generate")
+    if fresh:
+        page.open("generate")
     page.wait(lambda d: page.present("prompt"), message="the form did not build")
     if character:
         Select(page.one("character-mode")).select_by_value("saved")
@@ -286,13 +294,15 @@ def generate(page: Page, prompt: str, *, style: Optional[Path] = None, control: 
     if control:
         page.upload("add-control-file", control)
         page.wait(lambda d: page.present("control-chip"), message="the control chip did not appear")
-    page.one("advanced").find_element("css selector", "summary").click()
+    if page.one("advanced").get_attribute("open") is None:
+        page.one("advanced").find_element("css selector", "summary").click()
     steps_input = page.one("steps")
     steps_input.clear()
     steps_input.send_keys(str(steps))
     count = page.one("num-images")
     count.clear()
     count.send_keys(str(images))
+    page.one("prompt").clear()
     page.one("prompt").send_keys(prompt)
     before = len(page.all("job"))
     page.one("generate").click()
@@ -322,6 +332,17 @@ def create_character(page: Page, name: str, photos: list[Path]) -> None:
     page.one("character-create").click()
 
 
+def train(page: Page, epochs: int) -> None:
+    """Characters view, a character shown: pick every offered gallery image, train, wait for COMPLETE."""
+    page.wait(lambda d: page.present("train-pick"), message="no gallery pictures to pick")
+    for box in page.all("train-pick"):
+        box.click()
+    page.one("train-epochs").clear()
+    page.one("train-epochs").send_keys(str(epochs))
+    page.one("train-start").click()
+    page.wait(lambda d: page.present("training", '[data-status="COMPLETE"]'), 90, message="the training did not complete")
+
+
 # ------------------------------------------------------------------------------------ screenshots
 
 def screenshot_tour(page: Page, server: Server, tmp: Path, out: Path) -> list[Path]:
@@ -331,15 +352,26 @@ def screenshot_tour(page: Page, server: Server, tmp: Path, out: Path) -> list[Pa
     page.open("characters")
     create_character(page, "Ada", [photo(tmp / "ada1.png", 3), photo(tmp / "ada2.png", 4)])
     page.wait(lambda d: page.present("anchor-bbox"), 90, message="the character was not created")
+    train(page, epochs=1)  # 2 anchors + the 3 gallery images
     characters = page.screenshot(out / "characters.png")
     generate(page, "portrait of Ada, best of three", character="Ada", best_of=3, steps=4)
-    # The Generate screen with its references filled in and the finished job's card (the chips stay after a run).
-    generate(page, "a lighthouse on a cliff at dusk", style=style, control=edges, steps=4, images=2)
+    # The Generate screen with its references and Ada's LoRA filled in and the finished job's card (the chips stay).
+    page.open("characters")
+    page.wait(lambda d: page.present("character-open", '[data-name="Ada"]'))
+    page.one("character-open", '[data-name="Ada"]').click()
+    page.wait(lambda d: page.present("training-use"))
+    page.one("training-use").click()
+    page.wait(lambda d: page.present("element-chip"))
+    generate(page, "a lighthouse on a cliff at dusk", style=style, control=edges, steps=4, images=2, fresh=False)
     page.driver.execute_script("window.scrollTo(0, 0)")
     written = [page.screenshot(out / "generate.png")]
+    open_first_image(page)
+    page.one("action-upscale-2").click()  # listed under its image once the gallery reloads
+    page.wait(lambda d: page.present("upscale-image"), 60, message="the upscale did not finish")
     for dismiss in page.all("job-dismiss"):
         dismiss.click()
     open_first_image(page)
+    page.wait(lambda d: page.present("upscale-size") and "×" in page.one("upscale-size").text)
     written += [page.screenshot(out / "gallery.png"), characters]
     page.open("weights")
     page.wait(lambda d: page.present("feature"))
@@ -349,7 +381,7 @@ def screenshot_tour(page: Page, server: Server, tmp: Path, out: Path) -> list[Pa
 
 def make_screenshots(out: Path = SCREENSHOTS) -> list[Path]:
     """Drive the real page against a tiny server and save the four main screens."""
-    with tempfile.TemporaryDirectory(prefix="studio-shots-") as tmp, refgen_server(Path(tmp) / "home") as server, \
+    with tempfile.TemporaryDirectory(prefix="studio-shots-") as tmp, refgen_server(Path(tmp) / "home", train_max_steps=6, train_max_resolution=64) as server, \
             chrome() as driver:
         return screenshot_tour(Page(driver, server.base), server, Path(tmp), out)
 

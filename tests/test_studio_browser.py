@@ -15,7 +15,8 @@ from studio_browser import Page, browser_available, chrome, create_character, ge
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with refgen_server(tmp_path_factory.mktemp("studio") / "home") as running:
+    # A LoRA training capped at 6 steps at 64 px: about a second on the CPU with the tiny model.
+    with refgen_server(tmp_path_factory.mktemp("studio") / "home", train_max_steps=6, train_max_resolution=64) as running:
         yield running
 
 
@@ -80,6 +81,17 @@ def test_generate_with_references_then_replay_and_upscale(page, server, tmp_path
     assert page.one("seed").get_attribute("value") == str(info["seed"])
     assert page.one("seed-mode").get_attribute("value") == "fixed"
 
+    # "Use as style reference" / "Use as init": the Generate form then holds this (GENERATED) image.
+    page.go("gallery")
+    page.one("action-use-style").click()
+    page.wait(lambda d: page.one("view-generate").is_displayed() and len(page.all("style-chip")) == 2)
+    assert page.all("style-chip")[1].find_element("css selector", "img").get_attribute("src") == original_url
+    page.go("gallery")
+    page.one("action-use-init").click()
+    page.wait(lambda d: page.one("view-generate").is_displayed() and page.present("init-chip"))
+    assert page.one("init-chip").find_element("css selector", "img").get_attribute("src") == original_url
+    assert page.one("init-strength").get_attribute("value") == "0.5"
+
     # Remix prefills the form with refgen's remix recipe: the image as init at 0.35 and an Edge unit of it at 0.6.
     page.go("gallery")
     page.one("action-remix").click()
@@ -89,6 +101,16 @@ def test_generate_with_references_then_replay_and_upscale(page, server, tmp_path
     assert weights == ["0.8", "0.6"]  # the Edge unit the form had, then the remix's
     assert page.one("prompt").get_attribute("value") == "a lighthouse on a cliff at dusk"
     assert not page.message(), page.message()
+
+    # After a reload the gallery lists the image's upscale (from the API's generated_image_variation_generics).
+    page.open("gallery")
+    page.wait(lambda d: page.present("generation", f'[data-id="{info["generationId"]}"] [data-testid="image-upscale"]'),
+              message="the upscale is not listed under its image")
+    link = page.one("image-upscale", within=page.one("generation", f'[data-id="{info["generationId"]}"]'))
+    listed = server.api("GET", f"/generations/{info['generationId']}")["generations_by_pk"]["generated_images"]
+    upscales = [v for image in listed if image["id"] == info["id"] for v in image["generated_image_variation_generics"]]
+    assert [v["url"] for v in upscales] == [link.get_attribute("href")]
+    page.wait(lambda d: page.one("upscale-size", within=link).text == "512×512", message="the upscale's size is not shown")
 
 
 def test_character_from_a_photo_shows_the_face_then_deletes(page, server, tmp_path):
@@ -112,6 +134,15 @@ def test_character_from_a_photo_shows_the_face_then_deletes(page, server, tmp_pa
     assert captions == [f"#{rank} · seed {image['seed']} · identity {image['identityScore']:.3f}" for rank, image in
                         enumerate(sorted(images, key=lambda image: -image["identityScore"]), start=1)]
     assert "ranked" in newest.text
+
+    # "Add to character": the best image becomes the character's second anchor.
+    from selenium.webdriver.support.ui import Select
+    detail = open_first_image(page)
+    page.wait(lambda d: page.all("add-to-character-name", within=detail), message="no add-to-character action")
+    Select(page.one("add-to-character-name", within=detail)).select_by_value("Test Person")
+    page.one("action-add-to-character", within=detail).click()
+    page.wait(lambda d: "added to Test Person" in page.message(), 60, message="not added to the character")
+    assert len(server.api("GET", "/refgen/characters/Test%20Person")["character"]["anchors"]) == 2
     page.go("characters")
     page.wait(lambda d: page.present("character-delete", '[data-name="Test Person"]'))
 
@@ -221,3 +252,58 @@ def test_the_form_is_keyboard_usable(page):
     assert "aspect-ratio" in seen and "add-style-file" in seen, seen  # the upload buttons take focus too
     # The focus is visible: every control reached by Tab has an outline (:focus-visible).
     assert all(style not in ("", "none") for style in outlines[1:]), list(zip(seen, outlines))
+
+
+def test_train_a_lora_of_a_character_then_use_it(page, server, tmp_path):
+    from selenium.webdriver.support.ui import Select
+
+    generate(page, "pictures to train on", steps=2, images=4)
+    listed = server.api("GET", "/generations/user/local?limit=1")["generations"][0]
+    picked = [image["id"] for image in listed["generated_images"]]
+    page.open("characters")
+    create_character(page, "Trainee", [photo(tmp_path / "trainee.png", 7)])
+    page.wait(lambda d: page.present("train-pick", f'[data-image-id="{picked[0]}"]'), 90, message="no train form with picks")
+
+    # Fewer than 5 pictures: the server's 422, readable, and nothing queued.
+    page.one("train-pick", f'[data-image-id="{picked[0]}"]').click()
+    page.one("train-start").click()
+    page.wait(lambda d: "5 pictures" in page.message(), 30, message="no error for too few pictures")
+    assert page.message().startswith("train a LoRA: images: a LoRA trains on 5 pictures at least"), page.message()
+    assert server.api("GET", "/refgen/characters/Trainee")["character"]["trainings"] == []
+
+    # 1 anchor + 4 picked, 1 epoch (5 steps: under the server's cap of 6, so the form's epochs were sent).
+    for image_id in picked[1:]:
+        page.one("train-pick", f'[data-image-id="{image_id}"]').click()
+    assert page.one("train-count").text.startswith("1 anchor + 4 picked = 5")
+    for testid, value in (("train-epochs", "1"), ("train-lr", "0.0002")):
+        page.one(testid).clear()
+        page.one(testid).send_keys(value)
+    page.one("train-start").click()
+    page.wait(lambda d: page.present("training", '[data-status="COMPLETE"]'), 60,
+              message="the training did not complete")
+    training = page.one("training", '[data-status="COMPLETE"]')
+    lora_id = int(training.get_attribute("data-id"))
+    assert page.one("training-step", within=training).text.startswith("step 5/5 · loss ")
+    bar = page.one("training-progress", within=training)
+    assert bar.get_attribute("value") == bar.get_attribute("max") == "5"
+    element = server.api("GET", f"/elements/{lora_id}")["user_loras_by_pk"]
+    assert (element["status"], element["trainingEpoch"], element["learningRate"]) == ("COMPLETE", 1, 0.0002)
+    trainings = server.api("GET", "/refgen/characters/Trainee")["character"]["trainings"]
+    assert [(t["userLoraId"], t["status"]) for t in trainings] == [(lora_id, "COMPLETE")]
+
+    # "Use in Generate" adds it to the LoRA elements (weight 1); the generation made with it has the LoRA.
+    page.one("training-use", within=training).click()
+    page.wait(lambda d: page.one("view-generate").is_displayed() and page.present("element-chip", f'[data-id="{lora_id}"]'),
+              message="the LoRA is not in the Generate form")
+    assert page.one("element-weight").get_attribute("value") == "1"
+    # GET /elements lists it too: removed, then added again from the picker.
+    page.one("element-chip").find_element("css selector", "button").click()
+    assert not page.present("element-chip")
+    Select(page.one("element-choice")).select_by_value(str(lora_id))
+    page.one("element-add").click()
+    page.wait(lambda d: page.present("element-chip", f'[data-id="{lora_id}"]'), message="the picker did not add it")
+    assert page.one("element-chip").find_element("css selector", "strong").text == f"Trainee (element {lora_id})"
+    job = generate(page, "Trainee in a garden", steps=2, fresh=False)
+    image_id = page.one("job-image", within=job).get_attribute("data-image-id")
+    loras = server.api("GET", f"/refgen/images/{image_id}")["recipe"]["resolved"]["loras"]
+    assert [lora["weight"] for lora in loras] == [1.0] and f"element-{lora_id}" in loras[0]["path"]

@@ -188,3 +188,18 @@ export async function waitForVariation(variationId, { every = 500, signal } = {}
     await new Promise((resolve) => setTimeout(resolve, every));
   }
 }
+
+/** Poll a LoRA training (GET /elements/{id}) until it is no longer PENDING. onUpdate(record) gets every
+ *  answer's user_loras_by_pk (with refgen.progress {step,total,loss}); resolves to the last one (COMPLETE
+ *  or FAILED, the reason in its `error`). Stops (resolves null) once `keepGoing()` says no: the view it
+ *  draws into is gone. */
+export async function watchElement(loraId, onUpdate, { every = 500, keepGoing = () => true } = {}) {
+  for (;;) {
+    const answer = await request("GET", `/elements/${loraId}`);
+    const record = { ...answer.user_loras_by_pk, error: answer.error || null };
+    if (!keepGoing()) return null;
+    onUpdate(record);
+    if (record.status !== "PENDING") return record;
+    await new Promise((resolve) => setTimeout(resolve, every));
+  }
+}

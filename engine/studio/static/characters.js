@@ -1,10 +1,11 @@
 // The Characters view: create one from 1-5 photos of one person (each uploaded through the init-image
 // flow, then POST /refgen/characters {name, anchor, images: [{id, type}]}),
 // list them, view the anchors with the face each one was found at (bbox drawn over the photo),
-// the identity anchor text, delete.
+// the identity anchor text, delete; train a LoRA of one and follow its trainings (training.js).
 
 import { blobUrl, request, upload } from "./api.js";
 import { el, fill, field } from "./dom.js";
+import { trainForm, trainingList } from "./training.js";
 import { busy, clearMessage, emit, on, showError, showInfo } from "./ui.js";
 
 let list = null;
@@ -130,7 +131,7 @@ function showCharacter(character) {
       el("dt", {}, "Keeps"), el("dd", {}, character.keep || "face"),
       character.created && [el("dt", {}, "Created"), el("dd", {}, character.created)],
       character.lora && [el("dt", {}, "LoRA"), el("dd", {}, String(character.lora))]),
-    anchors, trainingList(character.trainings));
+    anchors, trainingList(character), trainForm(character, showCharacter));
   for (const anchor of character.anchors || []) anchors.append(anchorFigure(anchor));
   if (character.faceUrl) anchors.append(faceFigure(character.faceUrl));
 }
@@ -140,15 +141,6 @@ function faceFigure(url) {
   const img = el("img", { class: "face", alt: "the aligned face the identity comes from" });
   blobUrl(url).then((src) => { img.src = src; }).catch(() => { img.alt = "face crop not available"; });
   return el("figure", { dataset: { testid: "character-face" } }, img, el("figcaption", {}, "identity face"));
-}
-
-/** LoRAs trained from this character (POST /refgen/characters/{name}/train; used through userElements). */
-function trainingList(trainings) {
-  if (!trainings || !trainings.length) return null;
-  return [el("h4", {}, "Trained LoRAs"), el("ul", { dataset: { testid: "character-trainings" } },
-    trainings.map((t) => el("li", {}, `element ${t.userLoraId}: ${t.status}`,
-      t.progress && t.progress.total ? ` (step ${t.progress.step}/${t.progress.total})` : "",
-      t.error ? ` — ${t.error}` : "")))];
 }
 
 /** The photo (fetched with the key: anchor URLs are API paths) and its bbox as a box in percent. */

@@ -1,6 +1,7 @@
 // The Gallery view: every generation (newest first) with its images; a picked image opens a detail
-// panel with its recipe (GET /refgen/images/{id}: the PNG's provenance) and the actions. A contact
-// sheet shows every loaded image in one dense grid.
+// panel with its recipe (GET /refgen/images/{id}: the PNG's provenance) and the actions. Each image lists
+// its earlier upscales (generated_image_variation_generics). A contact sheet shows every loaded image in one
+// dense grid.
 
 import { me, request } from "./api.js";
 import { el, fill, field, select } from "./dom.js";
@@ -58,18 +59,13 @@ async function load(offset = 0) {
   }
 }
 
-/** A generation's images with their refgen facts (seed, identity score, rank), best first when ranked. */
+/** A generation's images with their refgen facts (seed, identity score, rank), best first when the server
+ *  ranked them (best-of: refgen.images[].rank, 1-based; null otherwise: the generation's order). */
 function imagesOf(generation) {
   const facts = Object.fromEntries(((generation.refgen && generation.refgen.images) || []).map((x) => [x.id, x]));
   const images = (generation.generated_images || []).map((image) => ({ ...image, ...(facts[image.id] || {}),
     generationId: generation.id, prompt: generation.prompt }));
-  if (images.some((x) => x.rank)) {
-    images.sort((a, b) => (a.rank || 99) - (b.rank || 99));
-  } else if (images.length > 1 && images.every((x) => typeof x.identityScore === "number")) {
-    // Best-of ranks by identity score; the list answer has the scores (not always the rank): rank by them.
-    images.sort((a, b) => b.identityScore - a.identityScore);
-    images.forEach((x, i) => { x.rank = i + 1; });
-  }
+  if (images.some((x) => x.rank)) images.sort((a, b) => (a.rank || Infinity) - (b.rank || Infinity));
   return images;
 }
 
@@ -100,7 +96,24 @@ function generationCard(generation) {
         status, ranked && "best-of: ranked by identity"].filter(Boolean).join(" · ")), remove),
     el("div", { class: "images" }, images.map((image) => el("figure", {}, thumbButton(image, "gallery-image"),
       el("figcaption", {}, [image.rank && `#${image.rank}`, image.seed !== undefined && `seed ${image.seed}`,
-        typeof image.identityScore === "number" && `identity ${image.identityScore.toFixed(3)}`].filter(Boolean).join(" · "))))));
+        typeof image.identityScore === "number" && `identity ${image.identityScore.toFixed(3)}`].filter(Boolean).join(" · ")),
+      upscaleLinks(image)))));
+}
+
+/** The image's earlier upscales (Leonardo's generated_image_variation_generics), each a link to the PNG
+ *  with a small thumbnail and its size (read from the loaded picture: the API gives no size). */
+function upscaleLinks(image) {
+  const upscales = (image.generated_image_variation_generics || []).filter((v) => v.transformType === "UPSCALE");
+  if (!upscales.length) return null;
+  return el("ul", { class: "upscales", dataset: { testid: "image-upscales" }, "aria-label": "upscales of this image" },
+    upscales.map((v) => {
+      if (v.status !== "COMPLETE" || !v.url) return el("li", { class: "meta" }, `upscale ${v.status.toLowerCase()}`);
+      const size = el("span", { dataset: { testid: "upscale-size" } }, "upscale");
+      const img = el("img", { src: v.url, alt: "", loading: "lazy" });
+      img.addEventListener("load", () => { size.textContent = `${img.naturalWidth}×${img.naturalHeight}`; });
+      return el("li", {}, el("a", { href: v.url, download: `refgen-upscale-${v.id}.png`, dataset: { testid: "image-upscale", id: v.id },
+        title: "download this upscale" }, img, size));
+    }));
 }
 
 function thumbButton(image, testid) {
@@ -147,12 +160,13 @@ function recipeSummary(recipe) {
   const image = (recipe && recipe.image) || {};
   const refs = (r.references || []).map((x) => `${x.kind} (${x.strength_type || x.weight}${x.influence ? `, influence ${x.influence}` : ""})`);
   const controls = (r.controlnets || []).map((x) => `${x.type} ${x.weight}`);
+  const loras = (r.loras || []).map((x) => `${String(x.path || x.name || "?").split("/").pop()} (${x.weight})`); // userElements
   const character = r.character ? (r.character.name || `${(r.character.images || []).length || "?"} photo(s)`) : null;
   const rows = [
     ["Prompt", r.prompt], ["Negative", r.negative_prompt], ["Size", image.width && `${image.width} × ${image.height}`],
     ["Seed", image.seed], ["Steps", r.steps], ["Guidance", r.guidance_scale], ["Scheduler", r.scheduler],
     ["Mode", r.mode], ["Preset", r.preset], ["Init strength", r.init_strength],
-    ["References", refs.join(", ")], ["ControlNet", controls.join(", ")], ["Character", character],
+    ["References", refs.join(", ")], ["ControlNet", controls.join(", ")], ["Character", character], ["LoRAs", loras.join(", ")],
   ].filter(([, value]) => value !== null && value !== undefined && value !== "");
   return el("dl", { class: "summary", dataset: { testid: "recipe-summary" } },
     rows.map(([key, value]) => [el("dt", {}, key), el("dd", {}, String(value))]));

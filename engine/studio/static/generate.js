@@ -1,6 +1,6 @@
 // The Generate view: prompt bar, references (style / content / character), ControlNet units, init
-// image, aspect ratio, mode, preset, count, seed, advanced sampling. It builds one Leonardo
-// generation body (plus refgen's extension object) and hands it to jobs.js.
+// image, trained LoRA elements, aspect ratio, mode, preset, count, seed, advanced sampling. It builds one
+// Leonardo generation body (plus refgen's extension object) and hands it to jobs.js.
 
 import { request, upload } from "./api.js";
 import { catalog } from "./catalog.js";
@@ -18,7 +18,10 @@ const state = {
   character: { mode: "none", name: "", photos: [], strengthType: "Mid", keep: "", mask: null, bestOf: "" },
   controls: [], // {preprocessorId, source, weight}
   init: null, // {source, strength}
+  elements: [], // {userLoraId, name, weight}: trained LoRAs (GET /elements) -> userElements
 };
+
+const ELEMENT_WEIGHT = { min: -4, max: 4, default: 1 }; // GET /elements' weightMin/weightMax/weightDefault
 
 let form = null; // the <form>; its inputs are found by name
 let cat = null; // the catalog
@@ -43,13 +46,15 @@ export function mount(section) {
     build();
   });
   on("characters-changed", () => cat && renderCharacter());
+  on("elements-changed", () => cat && loadElementChoices()); // a training ended (training.js)
 }
 
 // ------------------------------------------------------------------------------------------ layout
 
 function build() {
-  fill(form, promptBar(), settingsRow(), referencesBlock(), controlsBlock(), initBlock(), advancedBlock());
+  fill(form, promptBar(), settingsRow(), referencesBlock(), controlsBlock(), initBlock(), elementsBlock(), advancedBlock());
   renderAll();
+  loadElementChoices();
 }
 
 function promptBar() {
@@ -150,6 +155,43 @@ function initBlock() {
   return el("fieldset", { class: "block" }, el("legend", {}, "Init image"), pick, parts.init);
 }
 
+/** Trained LoRA elements: pick one of GET /elements' COMPLETE trainings, add it with a weight. */
+function elementsBlock() {
+  parts.elements = el("div", { class: "chips", dataset: { testid: "element-chips" } });
+  parts.elementChoice = select([["", "loading..."]], { dataset: { testid: "element-choice" } });
+  const add = el("button", { type: "button", dataset: { testid: "element-add" } }, "Add LoRA");
+  add.addEventListener("click", () => {
+    const choice = parts.elementChoice.selectedOptions[0];
+    if (!choice || !choice.value) return showError("LoRA elements: none trained yet (Characters: Train a LoRA)");
+    addElement({ userLoraId: Number(choice.value), name: choice.dataset.name });
+  });
+  return el("fieldset", { class: "block" }, el("legend", {}, "LoRA elements"),
+    el("div", { class: "row wrap" }, field("Trained LoRA", parts.elementChoice), add), parts.elements);
+}
+
+async function loadElementChoices() {
+  let loras = [];
+  try {
+    loras = (await request("GET", "/elements")).loras || [];
+  } catch (error) {
+    showError(error, "could not list the trained LoRA elements");
+  }
+  fill(parts.elementChoice, loras.length
+    ? loras.map((l) => el("option", { value: l.refgen.userLoraId, dataset: { name: l.name || "" } }, elementName(l.name, l.refgen.userLoraId)))
+    : el("option", { value: "" }, "none trained yet"));
+}
+
+function elementName(name, id) {
+  return name ? `${name} (element ${id})` : `element ${id}`;
+}
+
+function addElement(element) {
+  if (!state.elements.some((x) => x.userLoraId === element.userLoraId)) {
+    state.elements.push({ weight: ELEMENT_WEIGHT.default, ...element });
+  }
+  renderElements();
+}
+
 function advancedBlock() {
   const steps = el("input", { type: "number", name: "num_inference_steps", min: 1, max: 150, // the API's limit placeholder: "preset's",
     dataset: { testid: "steps" } });
@@ -195,6 +237,7 @@ function renderAll() {
   renderCharacter();
   renderControls();
   renderInit();
+  renderElements();
 }
 
 function thumb(source) {
@@ -251,6 +294,14 @@ function renderInit() {
     numberInput("Init strength (0.1-0.9, higher = closer)", init.strength,
       { min: 0.1, max: 0.9, step: 0.05, dataset: { testid: "init-strength" } }, (v) => { init.strength = v; }),
     removeButton("init image", () => { state.init = null; renderInit(); })));
+}
+
+function renderElements() {
+  fill(parts.elements, state.elements.map((element, index) => el("div", { class: "chip", dataset: { testid: "element-chip", id: element.userLoraId } },
+    el("strong", {}, elementName(element.name, element.userLoraId)),
+    numberInput(`Weight (${ELEMENT_WEIGHT.min} to ${ELEMENT_WEIGHT.max})`, element.weight,
+      { min: ELEMENT_WEIGHT.min, max: ELEMENT_WEIGHT.max, step: 0.1, dataset: { testid: "element-weight" } }, (v) => { element.weight = v; }),
+    removeButton(elementName(element.name, element.userLoraId), () => { state.elements.splice(index, 1); renderElements(); }))));
 }
 
 /** The character: none, a saved character (by name), or 1-5 photos; strength, what to keep, mask, best-of. */
@@ -338,6 +389,7 @@ export function buildBody() {
     body[state.init.source.type === "GENERATED" ? "init_generation_image_id" : "init_image_id"] = state.init.source.id;
     body.init_strength = state.init.strength;
   }
+  if (state.elements.length) body.userElements = state.elements.map((x) => ({ userLoraId: x.userLoraId, weight: x.weight }));
   if (refgen.bestOf) delete body.num_images;
   else body.num_images = Number(text("num_images") || 1);
   if (Object.keys(refgen).length) body.refgen = refgen;
@@ -396,6 +448,12 @@ export function useImage(kind, image) {
     else if (kind === "content") state.content = { source, strengthType: "Mid" };
     renderAll();
   });
+}
+
+/** The Characters view's "Use in Generate" after a training: that element, weight 1. */
+export function useElement(element) {
+  go("generate");
+  whenBuilt(() => addElement(element));
 }
 
 /** "Reuse this seed": fixed mode with that image's seed. */
