@@ -11,6 +11,17 @@ import numpy as np
 from PIL import Image
 
 
+def dead_worker() -> str:
+    """A worker id (engine.api.store.worker_id's form) of a process that has ended: its claims are a dead worker's."""
+    import socket
+    import subprocess
+    import sys
+
+    pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    return f"{socket.gethostname()}:{pid}:worker"
+
+
 def png_bytes(size=(64, 64), seed=0) -> bytes:
     """A random RGB PNG (random, so canny and the init image have something to work with)."""
     rng = np.random.default_rng(seed)

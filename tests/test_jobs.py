@@ -27,6 +27,7 @@ from engine.api.leonardo import ModelTable
 from engine.provenance import read_metadata
 from engine.api.server import PREFIX
 from engine.api.store import DATABASE_NAME, AssetStore, Generation, Output
+from live_server import dead_worker
 
 KINO_XL = "aa77f04e-3eec-4034-9c07-d0f619684628"  # maps to sdxl-base in the built-in table
 BODY = {"prompt": "a red fox", "width": 64, "height": 64, "num_images": 2, "num_inference_steps": 2,
@@ -172,7 +173,7 @@ def test_restart_resumes_a_claimed_job_once(tmp_path, engine):
     root = tmp_path / "api"
     first = AssetStore(root)
     job = first.create_generation(dict(BODY))
-    assert first.claim_next().id == job.id  # the old process took it, then died
+    assert first.claim_next(dead_worker()).id == job.id  # the old process took it, then died
     del first
     second = AssetStore(root)
     loads = Loads(engine)

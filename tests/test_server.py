@@ -21,7 +21,7 @@ from engine.provenance import read_metadata
 from engine.api.server import PREFIX, ServeError, check_bind, create_app
 from engine.api.store import AssetStore
 from live_server import png_bytes as _png
-from live_server import running_server
+from live_server import dead_worker, running_server
 
 API = PREFIX
 KEY = "test-key-0123"
@@ -129,7 +129,7 @@ def test_restart_resumes_queued_and_interrupted_jobs_exactly_once(tmp_path, engi
     with running_server(create_app(first)) as base:  # no worker: the jobs only queue
         queued = httpx.post(f"{base}{API}/generations", json=_body()).json()["sdGenerationJob"]["generationId"]
         interrupted = httpx.post(f"{base}{API}/generations", json=_body(seed=8)).json()["sdGenerationJob"]["generationId"]
-    assert first.claim_next().id == queued  # claimed by a "process" that then dies
+    assert first.claim_next(dead_worker()).id == queued  # claimed by a process that then died
     first.close()
 
     second = AssetStore(root)
@@ -376,7 +376,7 @@ def test_serve_starts_the_worker_and_stops_it_on_shutdown(tmp_path, monkeypatch)
     events = []
 
     class FakeWorker:
-        def __init__(self, store, runner, poll_seconds=0.5):
+        def __init__(self, store, runner, poll_seconds=0.5, name="worker"):
             pass
 
         def start(self):

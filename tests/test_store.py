@@ -8,6 +8,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 import uuid
 
 import pytest
@@ -19,6 +20,7 @@ from engine.errors import InvalidImageError
 from engine.hashing import cached_sha256
 from engine.images import staging_path
 from engine.presets import Preset, save_user_preset
+from live_server import dead_worker
 from engine.api.store import (
     DATABASE_NAME, SCHEMA_VERSION, AssetStore, Output, StoreError, UnknownAssetError,
 )
@@ -255,15 +257,46 @@ def test_claim_order_is_oldest_first(store):
 def test_release_interrupted_after_restart(tmp_path):
     first = AssetStore(tmp_path)
     job = first.create_generation({"prompt": "x"})
-    first.claim_next()
-    del first  # the process "died" holding the claim
+    first.claim_next(dead_worker())
+    del first  # the process died holding the claim
     second = AssetStore(tmp_path)
     assert second.claim_next() is None  # still claimed until released
     assert second.release_interrupted() == 1
     assert second.generation(job.id).started_at is None
-    assert second.claim_next().id == job.id
-    assert second.release_interrupted() == 1 and second.release_interrupted() == 0
+    assert second.claim_next().id == job.id and second.generation(job.id).attempts == 2
+    assert second.release_interrupted() == 0  # this process runs: its claim is a live worker's
     second.close()
+
+
+def test_a_live_workers_claim_is_kept_until_its_heartbeat_is_older_than_the_lease(tmp_path):
+    with AssetStore(tmp_path) as store:
+        job = store.create_generation({"prompt": "x"})
+        other_machine = "render-02:4242:gpu0"  # a process this machine cannot see: only its heartbeat tells
+        store.claim_next(other_machine)
+        assert store.release_interrupted(lease_seconds=60) == 0
+        time.sleep(0.3)
+        assert store.heartbeat(other_machine) == 1
+        assert store.release_interrupted(lease_seconds=0.2) == 0  # it beat just now
+        time.sleep(0.3)
+        assert store.release_interrupted(lease_seconds=0.2) == 1  # silent past the lease: taken for dead
+        assert store.claim_next("here:1:gpu1").id == job.id
+
+
+def test_only_the_worker_holding_the_claim_records_the_job(tmp_path):
+    """A worker taken for dead that comes back cannot record the job another worker now runs."""
+    with AssetStore(tmp_path) as store:
+        job = store.create_generation({"prompt": "x"})
+        store.claim_next("render-02:4242:gpu0")
+        time.sleep(0.3)
+        assert store.release_interrupted(lease_seconds=0.2) == 1  # silent: taken for dead
+        assert store.claim_next("render-01:77:gpu1").id == job.id
+        made = output()
+        with pytest.raises(StoreError, match="no longer claimed by render-02:4242:gpu0"):
+            store.complete_generation(job.id, [made], "render-02:4242:gpu0")
+        with pytest.raises(StoreError, match="no longer claimed"):
+            store.fail_generation(job.id, "late", "render-02:4242:gpu0")
+        assert store.complete_generation(job.id, [made], "render-01:77:gpu1").status == "COMPLETE"
+        assert len(store.generation(job.id).images) == 1 and store.generation(job.id).attempts == 2
 
 
 # ----------------------------------------------------------------------------------- the database

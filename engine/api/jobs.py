@@ -1,11 +1,17 @@
-"""The local API's job runner: one worker thread takes queued generations from the AssetStore, runs
-them on one loaded Engine and records the images (or the error).
+"""The local API's job runner: a worker thread takes queued generations from the AssetStore, runs
+them on its one loaded Engine and records the images (or the error).
 
     store = AssetStore()
     worker = Worker(store, EngineRunner(store))
-    worker.start()            # releases jobs a previous process left half-done, sweeps its files, serves the queue
+    worker.start()            # releases jobs dead workers left half-done, sweeps their files, serves the queue
     store.create_generation(body); worker.notify()   # the server after each POST: no polling delay
     worker.stop()             # after the current job
+    pool = WorkerPool([Worker(store, runner_0, name="gpu0"), Worker(store, runner_1, name="gpu1")])  # one per GPU
+
+Several workers share one queue: each claim names its worker and a heartbeat thread keeps it fresh, so a worker
+that dies (its process gone, or silent past the lease) has its job put back and run by another, and only the
+worker holding a claim can record the job (engine/api/store.py). They may be threads of one server
+(`refgen serve --workers N`) or processes on the same machine (`refgen worker`, beside a server).
 
 A job that fails is recorded FAILED with its error and the worker goes on with the next one: refgen's
 own errors (a bad request, a missing weight file) keep their message, which names the Leonardo field
@@ -30,13 +36,15 @@ from ..images import load_rgb
 from .leonardo import LeonardoRequestError, ModelTable, local_model, parse_generation
 from ..provenance import png_bytes
 from ..request import default_upscaler
-from .store import AssetStore, Generation, Output, StoreError, UnknownAssetError
+from .store import AssetStore, Generation, Output, StoreError, UnknownAssetError, worker_id
 from .progress import JobProgress
 from .trainings import StoreLoras, TrainingSettings, train_job
 
 log = logging.getLogger("refgen.jobs")
 
 DEFAULT_UPSCALER = default_upscaler(4)  # Leonardo's upscale variation is x4
+HEARTBEAT_SECONDS = 10.0  # a running job's claim is refreshed this often (the store's lease is 120 s)
+RELEASE_EVERY_SECONDS = 5.0  # how often an idle-or-between-jobs worker puts dead workers' claims back
 
 
 class Runner(Protocol):
@@ -68,8 +76,12 @@ class EngineRunner:
 
     def __init__(self, store: AssetStore, load_engine: Optional[Callable[[str], Any]] = None,
                  models: Optional[ModelTable] = None, upscaler: str = DEFAULT_UPSCALER,
-                 training: Optional[TrainingSettings] = None, device: Optional[str] = None, dtype: Optional[str] = None):
+                 training: Optional[TrainingSettings] = None, device: Optional[str] = None, dtype: Optional[str] = None,
+                 loading: Optional[threading.Lock] = None):
         self.store = store
+        # Model loading (diffusers/transformers build models under process-wide init contexts) and training are not
+        # safe to run twice at once in one process: the runners of one server's workers share this lock.
+        self.loading = loading or threading.Lock()
         self.training = training or TrainingSettings()
         self.device, self.dtype = device, dtype  # training's (engines come from load_engine)
         self.trained = StoreLoras(store)
@@ -117,7 +129,8 @@ class EngineRunner:
             self._engine, self._engine_name = None, None  # drop the old model before loading the next (GPU memory)
             log.info("loading model %s", name)
             started = time.monotonic()
-            self._engine = self.load_engine(name)
+            with self.loading:
+                self._engine = self.load_engine(name)
             self._engine_name = name
             log.info("model %s loaded in %.1f s", name, time.monotonic() - started)
         return self._engine
@@ -126,7 +139,8 @@ class EngineRunner:
         """A LoRA training job (engine/api/trainings.py). The loaded engine is dropped first: training loads
         its own copy of the base model, and two SDXL copies may not fit one GPU."""
         self._engine, self._engine_name = None, None
-        return train_job(self.store, job, self.training, device=self.device, dtype=self.dtype)
+        with self.loading:
+            return train_job(self.store, job, self.training, device=self.device, dtype=self.dtype)
 
     def upscale(self, body: Mapping[str, Any]) -> list[Output]:
         """{"id": generated image id, "refgen": {"scale": 2 or 4}?} -> that image upscaled (Leonardo's upscale: the
@@ -152,7 +166,8 @@ class EngineRunner:
         if reference not in self._upscalers:
             from adapters.upscale import Upscaler  # torch and spandrel only when an upscale job comes
 
-            self._upscalers[reference] = Upscaler.load(reference)
+            with self.loading:
+                self._upscalers[reference] = Upscaler.load(reference)
             if self._upscalers[reference].notice:
                 log.warning(self._upscalers[reference].notice)
         return self._upscalers[reference]
@@ -180,45 +195,70 @@ def _upscale_record(source_id: str, source_size, size, upscaler, previous: Optio
 
 
 class Worker:
-    """One daemon thread: claim the oldest queued job, run it, record the result; repeat. Never dies on a job."""
+    """One daemon thread: claim the oldest queued job, run it, record the result; repeat. Never dies on a job.
+    A second thread beats the claim's heartbeat while a job runs (a long training keeps its claim)."""
 
-    def __init__(self, store: AssetStore, runner: Runner, poll_seconds: float = 0.5):
+    def __init__(self, store: AssetStore, runner: Runner, poll_seconds: float = 0.5, name: str = "worker",
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS):
         self.store = store
         self.runner = runner
         self.poll_seconds = poll_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self.id = worker_id(name)  # what its claims are recorded under
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._beats: Optional[threading.Thread] = None
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self) -> None:
+    def start(self, sweep: bool = True) -> None:
+        """Serve the queue. First the claims of dead workers go back to it and (sweep) the files they left are
+        removed; a pool sweeps once for all its workers."""
         if self.running:
             return
-        self.store.release_interrupted()  # claims left by a process that died: run them again
-        self.store.sweep_orphans()  # and the files it wrote but never committed (or never finished writing)
+        self.store.release_interrupted()
+        if sweep:
+            self.store.sweep_orphans()
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._loop, name="refgen-worker", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"refgen-{self.id}", daemon=True)
+        self._beats = threading.Thread(target=self._beat, name=f"refgen-{self.id}-heartbeat", daemon=True)
         self._thread.start()
+        self._beats.start()
 
     def notify(self) -> None:
         """A job was queued: look now instead of at the next poll."""
         self._wake.set()
 
-    def stop(self, timeout: Optional[float] = None) -> bool:
-        """Stop after the current job; True once the thread has ended."""
+    def request_stop(self) -> None:
+        """Take no further job (the current one finishes); stop() also waits for that."""
         self._stopping.set()
         self._wake.set()
+
+    def stop(self, timeout: Optional[float] = None) -> bool:
+        """Stop after the current job; True once the thread has ended."""
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout)
         return not self.running
 
+    def _beat(self) -> None:
+        while not self._stopping.wait(self.heartbeat_seconds):
+            try:
+                self.store.heartbeat(self.id)
+            except Exception:  # a busy or failing disk: the next beat tries again, well within the lease
+                log.warning("worker %s: heartbeat not recorded", self.id, exc_info=True)
+
     def _loop(self) -> None:
+        released_at = time.monotonic()
         while not self._stopping.is_set():
             self._wake.clear()  # before looking: a notify() during the job makes the wait return at once
             try:
+                if time.monotonic() - released_at > RELEASE_EVERY_SECONDS:  # a sibling process may have died
+                    self.store.release_interrupted()
+                    released_at = time.monotonic()
                 worked = self.run_once()
             except Exception:  # the store itself failed (disk, locked database): retry after a pause
                 log.exception("worker: cannot reach the job queue")
@@ -228,7 +268,7 @@ class Worker:
 
     def run_once(self) -> bool:
         """Claim and run one job; False when the queue was empty."""
-        job = self.store.claim_next()
+        job = self.store.claim_next(self.id)
         if job is None:
             return False
         self._run(job)
@@ -243,7 +283,7 @@ class Worker:
             self._fail(job, exc, time.monotonic() - started)
             return
         try:
-            self.store.complete_generation(job.id, outputs)
+            self.store.complete_generation(job.id, outputs, self.id)
         except UnknownAssetError:
             log.info("job %s was deleted while it ran; its %d image(s) were discarded", job.id, len(outputs))
             return
@@ -260,6 +300,32 @@ class Worker:
             error = f"{type(exc).__name__}: {exc}"
             log.error("job %s failed after %.1f s", job.id, seconds, exc_info=exc)
         try:
-            self.store.fail_generation(job.id, error)
+            self.store.fail_generation(job.id, error, self.id)
         except (UnknownAssetError, StoreError) as store_exc:  # deleted meanwhile, or already finished
             log.info("job %s: failure not recorded (%s)", job.id, store_exc)
+
+
+class WorkerPool:
+    """Several workers on one store, used like one Worker (the server notifies and stops it as a whole)."""
+
+    def __init__(self, workers: list[Worker]):
+        self.workers = list(workers)
+
+    @property
+    def running(self) -> bool:
+        return any(worker.running for worker in self.workers)
+
+    def start(self) -> None:
+        self.workers[0].store.release_interrupted()
+        self.workers[0].store.sweep_orphans()  # once, before any of them writes
+        for worker in self.workers:
+            worker.start(sweep=False)
+
+    def notify(self) -> None:
+        for worker in self.workers:
+            worker.notify()
+
+    def stop(self, timeout: Optional[float] = None) -> bool:
+        for worker in self.workers:
+            worker.request_stop()  # all of them stop taking jobs at once, then each finishes its own
+        return all([worker.stop(timeout) for worker in self.workers])

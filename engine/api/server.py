@@ -797,17 +797,20 @@ def _is_loopback(host: str) -> bool:
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key: Optional[str] = None, model: Optional[str] = None,
           device: Optional[str] = None, dtype: Optional[str] = None, *, upscaler: Optional[str] = None,
           max_queue: int = 64, store: Optional[AssetStore] = None, log_level: str = "info", speed: str = "auto",
-          warm_up: Sequence[tuple[int, int]] = (), training: Optional[TrainingSettings] = None) -> None:
-    """Run the API until interrupted: store + engine runner + worker thread + uvicorn; Ctrl-C stops all."""
+          warm_up: Sequence[tuple[int, int]] = (), training: Optional[TrainingSettings] = None, workers: int = 1) -> None:
+    """Run the API until interrupted: store + engine runner(s) + worker thread(s) + uvicorn; Ctrl-C stops all."""
     import uvicorn
 
     check_bind(host, api_key)
+    devices = worker_devices(device, workers)
     if device or dtype:  # refused before listening, not at the first job
         from ..devices import pick_device
 
-        pick_device(device, dtype)
+        for each in devices:
+            pick_device(each, dtype)
     app, worker = service(store or AssetStore(), api_key=api_key, model=model, device=device, dtype=dtype,
-                          upscaler=upscaler, max_queue=max_queue, speed=speed, warm_up=warm_up, training=training)
+                          upscaler=upscaler, max_queue=max_queue, speed=speed, warm_up=warm_up, training=training,
+                          workers=workers)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     worker.start()
     log.info("refgen API on http://%s:%d%s (docs: /docs)", host, port, PREFIX)
@@ -820,7 +823,8 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key: Optional[s
 def service(store: AssetStore, *, api_key: Optional[str] = None, model: Optional[str] = None, device: Optional[str] = None,
             dtype: Optional[str] = None, upscaler: Optional[str] = None, max_queue: int = 64,
             load_engine: Optional[Callable[[str], Any]] = None, speed: str = "auto",
-            warm_up: Sequence[tuple[int, int]] = (), training: Optional[TrainingSettings] = None) -> tuple[FastAPI, Any]:
+            warm_up: Sequence[tuple[int, int]] = (), training: Optional[TrainingSettings] = None,
+            workers: int = 1) -> tuple[FastAPI, Any]:
     """What `refgen serve` runs, not yet started: (app, worker) over `store`. `model` is the server's model:
     requests without a modelId and Leonardo's platform model ids (e.g. the SDKs' default) run on it.
     `upscaler`: the ESRGAN model of upscale variations; default realesrgan-x4plus, or the tiny model's random
@@ -828,20 +832,82 @@ def service(store: AssetStore, *, api_key: Optional[str] = None, model: Optional
     `speed`: Engine.load's (auto: compiled on a GPU); `warm_up`: (width, height) sizes each engine generates once
     when it loads, so that a compiled engine has their graphs before the first job.
     `load_engine(name)` replaces Engine.load(name, device, dtype) (tests add models that are not on disk).
-    `training`: the LoRA training recipe and limits of POST /elements and /models (engine/api/trainings.py)."""
+    `training`: the LoRA training recipe and limits of POST /elements and /models (engine/api/trainings.py).
+    `workers`: that many worker threads on the queue, each with its own engine, on the devices of `device`
+    ("cuda:0,cuda:1": one each; one device: all on it); the worker returned is then a WorkerPool."""
+    import threading
+
+    from .jobs import Worker, WorkerPool
+
+    models = _server_models(model)
+    devices = worker_devices(device, workers)
+    loading = threading.Lock()  # one model load (or training) at a time in this process
+    made = [Worker(store, engine_runner(store, models, model=model, device=each, dtype=dtype, upscaler=upscaler,
+                                        speed=speed, warm_up=warm_up, training=training, load_engine=load_engine,
+                                        loading=loading),
+                   name=f"worker{index}" if workers > 1 else "worker")
+            for index, each in enumerate(devices)]
+    worker = made[0] if workers == 1 else WorkerPool(made)
+    return create_app(store, worker, api_key=api_key, max_queue=max_queue, models=models, training=training), worker
+
+
+def run_worker(store: AssetStore, *, model: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None,
+               upscaler: Optional[str] = None, speed: str = "auto", warm_up: Sequence[tuple[int, int]] = (),
+               training: Optional[TrainingSettings] = None, stop: Optional[Any] = None) -> None:
+    """What `refgen worker` runs: one more worker on a server's queue, in this process (e.g. one per GPU beside
+    `refgen serve`, on the same store folder), until `stop` (a threading.Event) is set or Ctrl-C."""
+    import threading
+
+    from .jobs import Worker
+
+    if device or dtype:
+        from ..devices import pick_device
+
+        pick_device(device, dtype)
+    runner = engine_runner(store, _server_models(model), model=model, device=device, dtype=dtype, upscaler=upscaler,
+                           speed=speed, warm_up=warm_up, training=training)
+    worker = Worker(store, runner, name=(device or "worker").replace(":", ""))
+    stop = stop or threading.Event()
+    worker.start()
+    log.info("refgen worker %s on %s", worker.id, store.root)
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        log.info("stopping after the current job")
+    finally:
+        worker.stop(timeout=None)
+
+
+def worker_devices(device: Optional[str], workers: int) -> list[Optional[str]]:
+    """One device per worker: "cuda:0,cuda:1" gives each its own; a single device (or none: auto) is shared."""
+    if workers < 1:
+        raise ServeError(f"--workers must be 1 or more, got {workers}")
+    listed = [part.strip() for part in device.split(",")] if device else [None]
+    if len(listed) == 1:
+        return listed * workers
+    if len(listed) != workers:
+        raise ServeError(f"--device lists {len(listed)} devices for {workers} workers: give one per worker, or one for all")
+    return listed
+
+
+def _server_models(model: Optional[str]) -> ModelTable:
     import dataclasses
 
-    from .jobs import DEFAULT_UPSCALER, EngineRunner, Worker
+    models = ModelTable.load()
+    return dataclasses.replace(models, default=model) if model else models
+
+
+def engine_runner(store: AssetStore, models: ModelTable, *, model: Optional[str] = None, device: Optional[str] = None,
+                  dtype: Optional[str] = None, upscaler: Optional[str] = None, speed: str = "auto",
+                  warm_up: Sequence[tuple[int, int]] = (), training: Optional[TrainingSettings] = None,
+                  load_engine: Optional[Callable[[str], Any]] = None, loading: Optional[Any] = None):
+    """One worker's EngineRunner: its engines on `device`; the upscaler defaults as in `service`. `loading`: the lock
+    the runners of one process share around model loads and trainings."""
+    from .jobs import DEFAULT_UPSCALER, EngineRunner
 
     upscaler = upscaler or ("tiny" if model == "tiny" else DEFAULT_UPSCALER)
-
-    models = ModelTable.load()
-    if model:
-        models = dataclasses.replace(models, default=model)
-    runner = EngineRunner(store, load_engine=load_engine or _engine_loader(device, dtype, speed, warm_up), models=models,
-                          upscaler=upscaler, training=training, device=device, dtype=dtype)
-    worker = Worker(store, runner)
-    return create_app(store, worker, api_key=api_key, max_queue=max_queue, models=models, training=training), worker
+    return EngineRunner(store, load_engine=load_engine or _engine_loader(device, dtype, speed, warm_up), models=models,
+                        upscaler=upscaler, training=training, device=device, dtype=dtype, loading=loading)
 
 
 def _engine_loader(device: Optional[str], dtype: Optional[str], speed: str = "auto", warm_up: Sequence[tuple[int, int]] = ()):

@@ -7,16 +7,25 @@ beside it, written atomically. Ids are UUID4 strings; no user-supplied string ev
     upload = store.new_upload("png")             # an id + a one-time token the upload must present
     store.complete_upload(upload.id, upload.token, data)    # validated as an image, written atomically
     generation = store.create_generation(body, user_id)     # status PENDING: queued
-    job = store.claim_next()                     # the worker's atomic claim (PENDING, not yet claimed)
-    store.complete_generation(job.id, outputs)   # images and status COMPLETE in one transaction
-    store.fail_generation(job.id, "why")         # status FAILED with its error
-    store.release_interrupted(); store.sweep_orphans()      # at start-up: what a killed process left
+    job = store.claim_next(worker)               # the worker's atomic claim (PENDING, not yet claimed)
+    store.heartbeat(worker)                      # "still running it" (the Worker's heartbeat thread)
+    store.complete_generation(job.id, outputs, worker)   # images and status COMPLETE in one transaction
+    store.fail_generation(job.id, "why", worker) # status FAILED with its error
+    store.release_interrupted(); store.sweep_orphans()      # what a dead worker left (at start, then periodically)
     dataset = store.create_dataset("faces")      # training: dataset images are uploads with a dataset_id
     element = store.create_training("element", "mine", None, dataset.id, body, job_body)  # record + "training" job
 
-Statuses are Leonardo's: PENDING (queued or running), COMPLETE, FAILED. A claimed job that never
-finished (the process died) is released again by `release_interrupted()` at start-up, so no job is
-lost; a job is COMPLETE only once its images are committed, so none is recorded twice. Files are
+Statuses are Leonardo's: PENDING (queued or running), COMPLETE, FAILED. Several workers (threads of one server,
+`refgen worker` processes on the same machine) share one queue: a claim names its worker (`host:pid:name`, see
+`worker_id`) and is refreshed by the worker's heartbeat. `release_interrupted()` puts back the claims of dead
+workers only (a process of this machine that no longer runs, or a heartbeat older than the lease), so no job is lost
+and a live worker's job is never taken from it; a job is COMPLETE only once its images are committed by the worker
+that holds its claim, so none is recorded twice.
+
+One machine: SQLite's locks are only reliable on a local disk (not NFS/SMB), and the image files sit beside the
+database. Workers on several machines would need a server database (PostgreSQL: claims with SELECT ... FOR UPDATE
+SKIP LOCKED, leases as here), an object store for the files (S3/MinIO) and the store's methods over both; SQLite
+stays the embedded default. Files are
 written before the rows that name them and removed after the rows are gone, so a row never names a
 missing file; a kill in between leaves store-named files no row references (and write_atomic's temp
 files), which `sweep_orphans()` removes at start-up.
@@ -29,6 +38,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import sqlite3
 import threading
 import uuid
@@ -132,6 +142,8 @@ class Generation:
     error: Optional[str] = None
     images: tuple[GeneratedImage, ...] = ()
     progress: Optional[dict[str, Any]] = None  # a running training job's {"step", "total", "loss", "elapsed"}
+    worker: Optional[str] = None  # the worker that claimed it last (worker_id's form); None: never claimed
+    attempts: int = 0  # how many times it was claimed (more than 1: a worker died running it)
 
 
 @dataclass(frozen=True)
@@ -154,6 +166,34 @@ DATABASE_NAME = "refgen.sqlite3"
 FILES_DIR = "files"
 LORAS_DIR = "loras"
 BUSY_TIMEOUT_MS = 10_000  # another process (a second server on the same folder) holding the write lock
+LEASE_SECONDS = 120.0  # a claim whose worker has not beaten for this long is released (a hung or vanished worker)
+
+
+def worker_id(name: str = "worker") -> str:
+    """A claim's owner: this machine, this process, and a name for the worker within it."""
+    return f"{socket.gethostname()}:{os.getpid()}:{name}"
+
+
+def _claim_is_dead(claimed_by: Optional[str], beat: Optional[str], lease_seconds: float) -> bool:
+    """A claim nobody will finish: unnamed (made before claims had owners), a process of this machine that no longer
+    runs, or no heartbeat for `lease_seconds` (a hung worker, or one on a machine whose processes we cannot see)."""
+    if not claimed_by or beat is None:
+        return True
+    host, _, rest = claimed_by.partition(":")
+    pid = rest.partition(":")[0]
+    if host == socket.gethostname() and pid.isdigit() and not _process_runs(int(pid)):
+        return True
+    return (datetime.now(timezone.utc) - datetime.fromisoformat(beat)).total_seconds() > lease_seconds
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it runs, as another user
+    return True
 
 # Version 1. Later versions append their migration to MIGRATIONS; `_migrate` runs the missing ones in order.
 # `seq` orders jobs (oldest first, newest first): created_at may tie, and VACUUM may renumber a plain rowid.
@@ -230,7 +270,13 @@ CREATE TABLE trainings (
 );
 CREATE INDEX trainings_user ON trainings (user_id, kind, seq);
 """
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)  # MIGRATIONS[n] takes the schema from version n to n + 1
+# v4: several workers on one queue: who holds a claim, its last heartbeat, how many times the job was claimed.
+_SCHEMA_V4 = """
+ALTER TABLE generations ADD COLUMN claimed_by TEXT;
+ALTER TABLE generations ADD COLUMN heartbeat_at TEXT;
+ALTER TABLE generations ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0
+"""
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)  # MIGRATIONS[n] takes the schema from version n to n + 1
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -363,9 +409,16 @@ class AssetStore:
         """Remove what a killed process left in the files folder: temp files of atomic writes, and store-named
         files no row references. Any other name there is not the store's and stays. Returns the names removed.
 
-        Call at start-up, before any worker of this folder runs: a running job's images exist before their rows.
+        Call at start-up, before this process's workers run: a running job's images exist before their rows. While
+        another live worker holds a claim (a `refgen worker` process on this folder), nothing is swept: its files
+        may be half-way to their rows.
         """
         with self._transaction() as db:  # no upload of this process can commit its file meanwhile
+            claims = db.execute("SELECT claimed_by, heartbeat_at FROM generations "
+                                "WHERE status = 'PENDING' AND claimed_at IS NOT NULL").fetchall()
+            if any(not _claim_is_dead(row["claimed_by"], row["heartbeat_at"], LEASE_SECONDS) for row in claims):
+                log.info("not sweeping %s: another worker is running a job", self.files)
+                return []
             referenced = {row[0] for row in db.execute(
                 "SELECT path FROM generated_images UNION SELECT id || '.' || extension FROM uploads WHERE uploaded = 1")}
             with os.scandir(self.files) as entries:
@@ -481,6 +534,7 @@ class AssetStore:
             created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"],
             error=row["error"], images=tuple(self._image(image) for image in images),
             progress=json.loads(row["progress"]) if row["progress"] else None,
+            worker=row["claimed_by"], attempts=row["attempts"],
         )
 
     def _image(self, row: sqlite3.Row) -> GeneratedImage:
@@ -540,28 +594,38 @@ class AssetStore:
     def pending_count(self) -> int:
         return self._query("SELECT COUNT(*) AS n FROM generations WHERE status = 'PENDING'")[0]["n"]
 
-    def claim_next(self) -> Optional[Generation]:
+    def claim_next(self, worker: Optional[str] = None) -> Optional[Generation]:
+        """The oldest queued job nobody holds, claimed for `worker` (default: this process's worker_id())."""
+        worker = worker or worker_id()
         with self._transaction() as db:
             row = db.execute("SELECT id FROM generations WHERE status = 'PENDING' AND claimed_at IS NULL "
                              "ORDER BY seq LIMIT 1").fetchone()
             if row is None:
                 return None
             now = _now()
-            claimed = db.execute("UPDATE generations SET claimed_at = ?, started_at = ? "
-                                 "WHERE id = ? AND status = 'PENDING' AND claimed_at IS NULL", (now, now, row["id"]))
+            claimed = db.execute("UPDATE generations SET claimed_at = ?, started_at = ?, claimed_by = ?, heartbeat_at = ?, "
+                                 "attempts = attempts + 1 WHERE id = ? AND status = 'PENDING' AND claimed_at IS NULL",
+                                 (now, now, worker, now, row["id"]))
             if claimed.rowcount != 1:  # cannot happen under BEGIN IMMEDIATE; checked so it never double-runs
                 return None
         return self.generation(row["id"])
 
-    def complete_generation(self, generation_id: str, outputs: list[Output]) -> Generation:
+    def heartbeat(self, worker: str) -> int:
+        """`worker` is alive and still on its jobs: their claims are not released. The number of claims it holds."""
+        with self._transaction() as db:
+            return db.execute("UPDATE generations SET heartbeat_at = ? WHERE claimed_by = ? AND status = 'PENDING'",
+                              (_now(), worker)).rowcount
+
+    def complete_generation(self, generation_id: str, outputs: list[Output], worker: Optional[str] = None) -> Generation:
+        """The job's images and COMPLETE, in one transaction; with `worker`, only while that worker holds its claim."""
         generation_id = _checked_id(generation_id)
-        self._require_pending(generation_id)  # fail before writing files when we already know
+        self._require_pending(generation_id, worker=worker)  # fail before writing files when we already know
         written = [(str(uuid.uuid4()), output) for output in outputs]
         try:
             for image_id, output in written:  # files first: a row never points at a missing file
                 write_atomic(self._file(f"{image_id}.png"), output.png)
             with self._transaction() as db:
-                self._require_pending(generation_id, db)
+                self._require_pending(generation_id, db, worker)
                 db.executemany(
                     "INSERT INTO generated_images (id, generation_id, idx, seed, path, identity_score, metadata) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -575,31 +639,39 @@ class AssetStore:
             raise
         return self.generation(generation_id)
 
-    def _require_pending(self, generation_id: str, db: Optional[sqlite3.Connection] = None) -> None:
-        """UnknownAssetError if deleted meanwhile; StoreError if already finished (never recorded twice)."""
+    def _require_pending(self, generation_id: str, db: Optional[sqlite3.Connection] = None,
+                         worker: Optional[str] = None) -> None:
+        """UnknownAssetError if deleted meanwhile; StoreError if already finished (never recorded twice) or, with
+        `worker`, if its claim was released (it was taken for dead, and another worker runs the job now)."""
         with self._lock:
-            row = (db or self._db).execute("SELECT status FROM generations WHERE id = ?", (generation_id,)).fetchone()
+            row = (db or self._db).execute("SELECT status, claimed_by FROM generations WHERE id = ?", (generation_id,)).fetchone()
         if row is None:
             raise UnknownAssetError(f"unknown generation {generation_id} (deleted while it ran?)")
         if row["status"] != "PENDING":
             raise StoreError(f"generation {generation_id} is already {row['status']}")
+        if worker is not None and row["claimed_by"] != worker:
+            raise StoreError(f"generation {generation_id} is no longer claimed by {worker} (released as dead)")
 
-    def fail_generation(self, generation_id: str, error: str) -> Generation:
+    def fail_generation(self, generation_id: str, error: str, worker: Optional[str] = None) -> Generation:
         generation_id = _checked_id(generation_id)
         with self._transaction() as db:
-            self._require_pending(generation_id, db)
+            self._require_pending(generation_id, db, worker)
             db.execute("UPDATE generations SET status = 'FAILED', finished_at = ?, error = ? WHERE id = ?",
                        (_now(), str(error), generation_id))
         return self.generation(generation_id)
 
-    def release_interrupted(self) -> int:
-        """Call once at start-up, before any worker of this folder runs: every claim then is a dead one."""
+    def release_interrupted(self, lease_seconds: float = LEASE_SECONDS) -> int:
+        """Put the claims of dead workers back in the queue (see the module docstring); safe while other workers run."""
         with self._transaction() as db:
-            released = db.execute("UPDATE generations SET claimed_at = NULL, started_at = NULL "
-                                  "WHERE status = 'PENDING' AND claimed_at IS NOT NULL").rowcount
-        if released:
-            log.info("released %d interrupted job(s) back to the queue", released)
-        return released
+            rows = db.execute("SELECT id, claimed_by, heartbeat_at FROM generations "
+                              "WHERE status = 'PENDING' AND claimed_at IS NOT NULL").fetchall()
+            dead = [row["id"] for row in rows if _claim_is_dead(row["claimed_by"], row["heartbeat_at"], lease_seconds)]
+            for job_id in dead:
+                db.execute("UPDATE generations SET claimed_at = NULL, started_at = NULL, claimed_by = NULL, "
+                           "heartbeat_at = NULL WHERE id = ?", (job_id,))
+        if dead:
+            log.info("released %d interrupted job(s) back to the queue", len(dead))
+        return len(dead)
 
     # -- progress (training jobs)
 

@@ -17,7 +17,7 @@ from rich.table import Table
 from .batch import batch
 from .character import character_app
 from .error_lines import refgen_errors
-from .serve import SpeedChoice, serve
+from .serve import SpeedChoice, serve, worker
 from .sheet import sheet
 from .train import loras_app, train
 from .upscale import upscale
@@ -56,7 +56,7 @@ REMIX_FLAGS = MappingProxyType({
     "weight": "--control-weight",
 })
 # Commands that load diffusers/transformers models; others skip importing them (seconds) just to silence them.
-MODEL_COMMANDS = frozenset({"batch", "generate", "remix", "replay", "serve", "train"})
+MODEL_COMMANDS = frozenset({"batch", "generate", "remix", "replay", "serve", "train", "worker"})
 
 
 @app.callback()
@@ -446,5 +446,6 @@ def _text(value) -> str:
 app.command()(upscale)  # defined in upscale.py / sheet.py; registered last so `refgen --help` lists generate first
 app.command()(sheet)
 app.command()(serve)
+app.command()(worker)
 app.command()(train)
 app.command()(batch)
