@@ -6,7 +6,8 @@
     summary.failed                                                  # lines that failed (their errors are in results.jsonl)
 
 Formats and ids: engine/batch/manifest.py. Grouping and batching: engine/batch/plan.py. The loop, resume and the
-results file: engine/batch/run.py.
+results file: engine/batch/run.py. On a Ray cluster (the optional extra, imported only there):
+engine/batch/distributed.py, `run_batch_on_ray(manifest, out, address=None, actors=None)`.
 """
 
 from .manifest import FORMATS, BatchLine, Manifest, ManifestError, read_manifest

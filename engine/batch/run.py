@@ -16,6 +16,10 @@ and reruns the units with an output missing, writing only the missing files (see
 Killing the process loses only the unit in flight. Errors do not stop the run: a unit that raises fails its lines
 (any exception: one broken request must not end an overnight batch), and a model that cannot load fails the lines
 that need it, once.
+
+Who runs the units: `run_batch(runner=...)`. By default this process, one unit after the other (in_process); on a
+Ray cluster, engine/batch/distributed.py. A runner only makes units (make_unit: PNG bytes in memory); the process
+that called run_batch writes every PNG (write_unit) and every record, so it is the single writer of the folder.
 """
 
 from __future__ import annotations
@@ -26,13 +30,13 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Collection, Iterable, Iterator, Optional, Union
 
 from PIL import Image
 
 from ..errors import OutputPathError, RefgenError
-from ..images import STAGING_NAME
-from ..provenance import save_png
+from ..images import STAGING_NAME, write_atomic
+from ..provenance import png_bytes
 from .manifest import BatchLine, Manifest
 from .plan import MAX_MERGED_IMAGES, WorkUnit, plan_batch
 
@@ -68,14 +72,34 @@ class BatchSummary:
         self.images_written += written
 
 
+@dataclass(frozen=True)
+class UnitOutput:
+    """What one engine call made for a unit, not yet written: the PNG files its lines lacked (name -> bytes, with
+    provenance), each line's seeds and identity scores (by line id); or the error that stopped it. Plain data, so it
+    travels between processes (a Ray actor makes it, the driver writes it)."""
+
+    files: dict = field(default_factory=dict)
+    seeds: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
+    error: Optional[str] = None
+    seconds: float = 0.0
+
+
 RecordCallback = Callable[[LineRecord, int], None]  # (record, images it wrote)
+UnitRunner = Callable[[list, Path], Iterable[tuple[LineRecord, int]]]  # (pending units, out) -> (record, written)s
 
 
-def run_batch(manifest: Manifest, out: Union[str, Path], load_engine: Callable[[str], object],
-              on_record: Optional[RecordCallback] = None, max_images: int = MAX_MERGED_IMAGES) -> BatchSummary:
+def run_batch(manifest: Manifest, out: Union[str, Path], load_engine: Optional[Callable[[str], object]] = None,
+              on_record: Optional[RecordCallback] = None, max_images: int = MAX_MERGED_IMAGES,
+              runner: Optional[UnitRunner] = None) -> BatchSummary:
     """Run every line of `manifest` into `out` (see the module docstring). `load_engine(model)` returns an Engine; it
     is called once per model that has work left, models one after the other. `on_record(record, images_written)` is
-    called after each record is in the results file (progress)."""
+    called after each record is in the results file (progress). `runner(units, out)` runs the units that have work
+    left and yields their records (default: in_process(load_engine); a Ray cluster: distributed.RayUnits)."""
+    if runner is None:
+        if load_engine is None:
+            raise TypeError("run_batch needs load_engine (or a runner)")
+        runner = in_process(load_engine)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputPathError(f"--out {out} is a file: batch outputs go into a folder")
@@ -106,35 +130,76 @@ def run_batch(manifest: Manifest, out: Union[str, Path], load_engine: Callable[[
                     emit(LineRecord(line.number, line.id, "skipped", unit.model, line.output_names(), line.seeds))
             else:
                 pending.append(unit)
-        engines = _Engines(load_engine)
-        for unit in pending:
-            for record, written in run_unit(unit, engines.get, out):
-                emit(record, written)
+        for record, written in runner(pending, out):
+            emit(record, written)
     return summary
+
+
+def in_process(load_engine: Callable[[str], object]) -> UnitRunner:
+    """The default runner: the units one after the other in this process, one loaded engine at a time."""
+    def run(units: list[WorkUnit], out: Path) -> Iterator[tuple[LineRecord, int]]:
+        engines = _Engines(load_engine)
+        for unit in units:
+            yield from run_unit(unit, engines.get, out)
+    return run
 
 
 def run_unit(unit: WorkUnit, engine_for: Callable[[str], object], out: Path) -> list[tuple[LineRecord, int]]:
     """Generate the unit's whole batch and write the outputs that are missing; (record, images written) per line."""
+    return write_unit(unit, make_unit(unit, engine_for, missing_outputs(out, unit)), out)
+
+
+def missing_outputs(out: Path, unit: WorkUnit) -> list[str]:
+    """The unit's output names that are not in `out` as valid PNGs."""
+    return [name for line in unit.lines for name in line.output_names() if not valid_png(out / name)]
+
+
+def make_unit(unit: WorkUnit, engine_for: Callable[[str], object], missing: Collection[str]) -> UnitOutput:
+    """Generate the unit's whole batch; the PNG bytes of the outputs named in `missing`. Never raises: any failure is
+    the UnitOutput's error."""
     started = time.perf_counter()
-    missing = {line.id: [n for n, name in enumerate(line.output_names()) if not valid_png(out / name)] for line in unit.lines}
     try:
         result = engine_for(unit.model).generate(unit.request)
-        written = {line.id: [save_png(result.images[part][n], result.metadata[part][n], out / line.output_names()[n])
-                             for n in missing[line.id]] for line, part in unit.slices()}
+        files, seeds, scores = {}, {}, {}
+        for line, part in unit.slices():
+            for n, name in enumerate(line.output_names()):
+                if name in missing:
+                    files[name] = png_bytes(result.images[part][n], result.metadata[part][n])
+            seeds[line.id] = list(result.seeds[part])
+            scores[line.id] = [meta.get("identity_score") for meta in result.metadata[part]]
     except Exception as exc:  # noqa: BLE001 - any failure of one unit is recorded; the run goes on
-        message = str(exc) if isinstance(exc, RefgenError) else f"{type(exc).__name__}: {exc}"
-        share = (time.perf_counter() - started) / len(unit.lines)
-        return [(LineRecord(line.number, line.id, "failed", unit.model, seeds=line.seeds, error=message, seconds=share), 0)
-                for line in unit.lines]
-    seconds = time.perf_counter() - started
+        return UnitOutput(error=error_text(exc), seconds=time.perf_counter() - started)
+    return UnitOutput(files, seeds, scores, seconds=time.perf_counter() - started)
+
+
+def write_unit(unit: WorkUnit, made: UnitOutput, out: Path) -> list[tuple[LineRecord, int]]:
+    """Write a unit's new PNGs atomically into `out`; (record, images written) per line. A unit that failed, or whose
+    files cannot be written, fails every line of it."""
+    started = time.perf_counter()
+    error = made.error
+    if error is None:
+        try:
+            for name, data in made.files.items():
+                write_atomic(out / name, data)
+        except Exception as exc:  # noqa: BLE001 - a full disk fails this unit's lines, recorded; the run goes on
+            error = error_text(exc)
+    seconds = made.seconds + time.perf_counter() - started
+    if error is not None:
+        return [(LineRecord(line.number, line.id, "failed", unit.model, seeds=line.seeds, error=error,
+                            seconds=seconds / len(unit.lines)), 0) for line in unit.lines]
     records = []
-    for line, part in unit.slices():
-        status = "done" if written[line.id] else "skipped"
-        scores = [meta.get("identity_score") for meta in result.metadata[part]]
-        records.append((LineRecord(line.number, line.id, status, unit.model, line.output_names(), list(result.seeds[part]),
-                                   scores if any(score is not None for score in scores) else [],
-                                   seconds=round(seconds * line.image_count / unit.image_count, 4)), len(written[line.id])))
+    for line in unit.lines:
+        written = sum(name in made.files for name in line.output_names())
+        scores = made.scores[line.id]
+        records.append((LineRecord(line.number, line.id, "done" if written else "skipped", unit.model, line.output_names(),
+                                   made.seeds[line.id], scores if any(score is not None for score in scores) else [],
+                                   seconds=round(seconds * line.image_count / unit.image_count, 4)), written))
     return records
+
+
+def error_text(exc: BaseException) -> str:
+    """A failure as a results record shows it: refgen's own message, or the exception's type and message."""
+    return str(exc) if isinstance(exc, RefgenError) else f"{type(exc).__name__}: {exc}"
 
 
 class _Engines:

@@ -21,6 +21,9 @@ def batch(
     format: Annotated[Optional[str], typer.Option("--format", help="jsonl, leonardo (every line a Leonardo body), csv or template (default: from the file's extension).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:1, cpu (default: cuda if available).")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU).")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Run the units on Ray actors, one per GPU (or CPU slot), each holding one loaded model. Needs the ray extra: pip install 'refgen\\[ray]'.")] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="With --ray: an existing cluster ('auto', HOST:6379, ray://HOST:10001; default: a local cluster for this run).")] = None,
+    ray_actors: Annotated[Optional[int], typer.Option("--ray-actors", min=1, help="With --ray: how many actors (default: one per GPU of the cluster, else one per CPU).")] = None,
 ) -> None:
     """Run every line of a manifest; outputs are named by each line's id, so rerunning resumes.
 
@@ -29,11 +32,16 @@ def batch(
       refgen batch npcs.jsonl --out out/npcs                  # rerun the same command to resume
       refgen batch campaign.csv --out out/campaign --model my-xl.safetensors
       refgen batch variants.toml --out out/variants --model tiny   # template: one request x prompts/seeds
+      refgen batch npcs.jsonl --out out/npcs --ray                          # every GPU here, one Ray actor each
+      refgen batch npcs.jsonl --out /shared/npcs --ray --ray-address auto   # the Ray cluster this node is in
     Each line gets <out>/<id>-<n>.png and a record in <out>/results.jsonl; exit code 1 when a line failed.
     """
     from ..batch import read_manifest, run_batch
 
+    if (ray_address or ray_actors) and not ray:
+        raise typer.BadParameter("--ray-address and --ray-actors go with --ray", param_hint="--ray")
     with refgen_errors(tiny_model=model != "tiny"):  # main.py quiets the libraries (MODEL_COMMANDS)
+        runner = _ray_runner(ray_address, ray_actors, device, dtype) if ray else None
         plan = read_manifest(manifest, model=model, format=format, characters=_character_digest)
         console = Console(stderr=True)
         with _progress(console) as progress:
@@ -46,11 +54,19 @@ def batch(
                 if record.status == "failed":
                     progress.console.print(f"[red]line {record.line}:[/red] {escape(record.error or 'failed')}", soft_wrap=True)
 
-            summary = run_batch(plan, out, lambda name: _load(name, device, dtype, console), on_record=on_record)
+            summary = run_batch(plan, out, lambda name: _load(name, device, dtype, console), on_record=on_record, runner=runner)
     typer.echo(f"done {summary.done}, skipped {summary.skipped}, failed {summary.failed} "
                f"({summary.images_written} images written; results: {summary.results})")
     if summary.failed:
         raise typer.Exit(code=1)
+
+
+def _ray_runner(address: Optional[str], actors: Optional[int], device: Optional[str], dtype: Optional[str]):
+    """The Ray runner (engine/batch/distributed.py); RayUnavailableError naming the extra when ray is missing."""
+    from ..batch.distributed import RayUnits, import_ray
+
+    import_ray()
+    return RayUnits(address=address, actors=actors, device=device, dtype=dtype)
 
 
 def _load(model: str, device: Optional[str], dtype: Optional[str], console: Console):

@@ -142,11 +142,25 @@ def save_tiny_model(folder: Path, seed: int = 0) -> Path:
 
 
 def ensure_tiny_model(cache_dir: Path) -> Path:
-    """The tiny model's folder in the cache, built on first use (no download)."""
+    """The tiny model's folder in the cache, built on first use (no download). Built beside it and renamed into
+    place, so that processes starting together (batch actors, API workers) never load a half-written model: the
+    first rename wins, and the others' copies (the same seeded weights) are dropped."""
+    from ..images import make_staging_folder
+
     folder = Path(cache_dir) / "tiny-sdxl"
     if not (folder / "model_index.json").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
-        save_tiny_model(folder)
+        staging = make_staging_folder(folder)
+        try:
+            save_tiny_model(staging)
+            try:
+                os.rename(staging, folder)
+            except OSError as exc:
+                if not (folder / "model_index.json").exists():  # not another process's finished build
+                    raise OSError(f"{folder} holds an incomplete tiny model (an older refgen's build was killed): "
+                                  "delete that folder and run again") from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
