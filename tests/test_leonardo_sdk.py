@@ -252,6 +252,9 @@ def test_typescript_sdk_round_trip(api, tmp_path):
     assert (record["status"], record["scheduler"], record["seed"]) == ("COMPLETE", shared.SdGenerationSchedulers.KLMS.value, 21)
     assert (record["imageWidth"], record["imageHeight"], record["modelId"]) == (64, 64, SDK_DEFAULT_MODEL_ID)
     assert len(record["generatedImages"]) == 1 and created["generationId"] in done["listed"]
+    upscaled = _node("upscale", api.url, created["generationId"])  # the upscale, listed under its image
+    assert upscaled["variation"]["status"] == "COMPLETE" and upscaled["variation"]["url"]
+    assert upscaled["listed"] == [{**upscaled["variation"], "transformType": "UPSCALE"}]
 
 
 def _install_js_client() -> None:

@@ -3,6 +3,8 @@
 // (JSON on stdout) comes from the SDK's parsed objects.
 //   node roundtrip.mjs KEY create SERVER_URL IMAGE.png  -> upload an init image, create, read it once
 //   node roundtrip.mjs KEY poll SERVER_URL GENERATION_ID -> poll to the end, list the user's generations
+//   node roundtrip.mjs KEY upscale SERVER_URL GENERATION_ID -> upscale its first image, then read the generation,
+//                                                             which lists the upscale under that image
 import { readFile } from "node:fs/promises";
 import { Leonardo } from "@leonardo-ai/sdk";
 import { InitImageType, SdGenerationSchedulers } from "@leonardo-ai/sdk/sdk/models/shared/index.js";
@@ -49,5 +51,20 @@ async function poll(id) {
   return { record, listed: listed.map((g) => g.id) };
 }
 
-const result = phase === "create" ? await create(arg) : await poll(arg);
+async function upscale(id) {
+  const image = (await generation(id)).generatedImages[0];
+  const job = (await leonardo.variation.createVariationUpscale({ id: image.id })).object.sdUpscaleJob;
+  const deadline = Date.now() + 120_000;
+  const variation = async () => (await leonardo.variation.getVariationById(job.id)).object.generatedImageVariationGeneric[0];
+  let done = await variation();
+  while (done.status === "PENDING" && Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    done = await variation();
+  }
+  const listed = (await generation(id)).generatedImages[0].generatedImageVariationGenerics;
+  return { variation: { id: done.id, status: done.status, url: done.url }, listed };
+}
+
+const phases = { create, poll, upscale };
+const result = await phases[phase](arg);
 console.log(JSON.stringify(result));
