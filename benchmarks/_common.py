@@ -171,14 +171,17 @@ def gpu_missing(device: torch.device) -> bool:
     return False
 
 
-def save_report(report: dict, json_path: Path, results: Path, label: str, text: str) -> None:
-    """Write the raw JSON and replace section `label` of the results table."""
+def save_report(report: dict, json_path: Path, results: Path, label: str, text: str, markdown: bool = False) -> None:
+    """Write the raw JSON (and with `markdown`, the section as a .md beside it) and replace section `label` of the
+    results table."""
     import json
 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2) + "\n")
+    if markdown:
+        json_path.with_suffix(".md").write_text(text + "\n")
     update_results(results, label, text)
-    print(f"wrote {json_path} and updated section {label} of {results}")
+    print(f"wrote {json_path}{' (+ .md)' if markdown else ''} and updated section {label} of {results}")
 
 
 def sync(device: torch.device) -> None:

@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import HERE, ROOT, CpuPeak, environment, timed, update_results
+from _common import HERE, ROOT, CpuPeak, environment, timed, save_report
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -48,7 +48,6 @@ from engine.batch import plan_batch, read_manifest, run_batch  # noqa: E402
 
 SETTINGS = {"width": 64, "height": 64, "steps": 10}
 RESULTS_JSON = HERE / "results" / "batch-cpu-tiny.json"
-RESULTS_MD = HERE / "results" / "batch-cpu-tiny.md"
 
 
 def manifests(folder: Path) -> dict[str, Path]:
@@ -185,10 +184,7 @@ def write(report: dict, dry: bool) -> None:
     text = render(report)
     print(text)
     if not dry:
-        RESULTS_JSON.write_text(json.dumps(report, indent=2) + "\n")
-        RESULTS_MD.write_text(text + "\n")
-        update_results(HERE / "RESULTS.md", "batch-cpu-tiny", text)
-        print(f"wrote {RESULTS_JSON}, {RESULTS_MD} and section batch-cpu-tiny of benchmarks/RESULTS.md")
+        save_report(report, RESULTS_JSON, HERE / "RESULTS.md", "batch-cpu-tiny", text, markdown=True)
 
 
 def render(report: dict) -> str:

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import HERE, environment, update_results
+from _common import HERE, environment, save_report
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -46,7 +46,6 @@ from engine.batch.distributed import RayUnits  # noqa: E402
 
 SETTINGS = {"width": 64, "height": 64, "steps": 10}
 RESULTS_JSON = HERE / "results" / "batch-ray-cpu-tiny.json"
-RESULTS_MD = HERE / "results" / "batch-ray-cpu-tiny.md"
 
 
 def write_manifest(folder: Path, lines: int) -> Path:
@@ -137,10 +136,7 @@ def write(report: dict, dry: bool) -> None:
     text = render(report)
     print(text)
     if not dry:
-        RESULTS_JSON.write_text(json.dumps(report, indent=2) + "\n")
-        RESULTS_MD.write_text(text + "\n")
-        update_results(HERE / "RESULTS.md", "batch-ray-cpu-tiny", text)
-        print(f"wrote {RESULTS_JSON}, {RESULTS_MD} and section batch-ray-cpu-tiny of benchmarks/RESULTS.md")
+        save_report(report, RESULTS_JSON, HERE / "RESULTS.md", "batch-ray-cpu-tiny", text, markdown=True)
 
 
 def render(report: dict) -> str:

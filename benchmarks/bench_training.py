@@ -68,7 +68,7 @@ from typing import Optional
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import CpuPeak, environment, update_results  # noqa: E402  (sets HF_HUB_OFFLINE, root on path)
+from _common import CpuPeak, environment, save_report  # noqa: E402  (sets HF_HUB_OFFLINE, root on path)
 
 import torch  # noqa: E402
 
@@ -545,12 +545,8 @@ def main(argv=None) -> int:
     text = markdown(report)
     print(text)
     if not args.no_write:
-        args.results.mkdir(parents=True, exist_ok=True)
-        json_path = args.results / f"training-{profile.name}.json"
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-        (args.results / f"training-{profile.name}.md").write_text(text + "\n")
-        update_results(HERE / "RESULTS.md", f"training-{profile.name}", text)
-        print(f"wrote {json_path}, {json_path.with_suffix('.md')} and section training-{profile.name} of RESULTS.md")
+        save_report(report, args.results / f"training-{profile.name}.json", HERE / "RESULTS.md", f"training-{profile.name}",
+                    text, markdown=True)
     return 0
 
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from killed_runs import kill_after_pngs
 from engine.batch import read_manifest, read_results
 from engine.cli import app
 
@@ -73,14 +72,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_pictures(refgen_
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "engine.cli", "batch", str(manifest), "--out", str(killed), "--model", "tiny"]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same threads as the reference run
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while len(list(killed.glob("*.png"))) < 3 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    _, stderr = process.communicate()
-    assert process.returncode == -signal.SIGKILL, f"the run ended before the kill: {stderr.decode()[-2000:]}"
-    before = {path.name: path.read_bytes() for path in killed.glob("*.png")}
+    before = kill_after_pngs(command, killed, env=env)
     assert 3 <= len(before) < len(expected)
 
     resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import ray  # the dev extra installs it: without it these tests fail, they are n
 import torch
 from PIL import Image
 
+from killed_runs import kill_after_pngs
 from engine import Engine
 from engine.batch import plan_batch, read_manifest, read_results, run_batch
 from engine.batch.plan import group_key
@@ -144,14 +144,7 @@ def test_a_driver_killed_with_sigkill_resumes_to_the_single_process_pictures(clu
     address = ray.get_runtime_context().gcs_address
     command = [sys.executable, "-m", "engine.cli", "batch", str(manifest_path), "--out", str(out), "--model", "tiny",
                "--ray", "--ray-address", address, "--ray-actors", "2"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while len(list(out.glob("*.png"))) < 3 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    _, stderr = process.communicate()
-    assert process.returncode == -signal.SIGKILL, f"the run ended before the kill: {stderr.decode()[-2000:]}"
-    before = {path.name: path.read_bytes() for path in out.glob("*.png")}
+    before = kill_after_pngs(command, out)
     assert 3 <= len(before) < 20
 
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180)

@@ -214,13 +214,13 @@ class Worker:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self, sweep: bool = True) -> None:
-        """Serve the queue. First the claims of dead workers go back to it and (sweep) the files they left are
-        removed; a pool sweeps once for all its workers."""
+    def start(self, recover: bool = True) -> None:
+        """Serve the queue. First (recover) the claims of dead workers go back to it and the files they left are
+        removed; a pool recovers once for all its workers."""
         if self.running:
             return
-        self.store.release_interrupted()
-        if sweep:
+        if recover:
+            self.store.release_interrupted()
             self.store.sweep_orphans()
         self._stopping.clear()
         self._thread = threading.Thread(target=self._loop, name=f"refgen-{self.id}", daemon=True)
@@ -319,7 +319,7 @@ class WorkerPool:
         self.workers[0].store.release_interrupted()
         self.workers[0].store.sweep_orphans()  # once, before any of them writes
         for worker in self.workers:
-            worker.start(sweep=False)
+            worker.start(recover=False)
 
     def notify(self) -> None:
         for worker in self.workers:

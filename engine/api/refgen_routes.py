@@ -204,7 +204,8 @@ def _characters():
 def _character_routes(router: APIRouter, store: AssetStore, faces: Faces) -> None:
     @router.get("/refgen/characters", tags=["refgen"])
     def list_characters(request: Request) -> dict:
-        return {"characters": [character_json(c, request, store) for c in _characters().list()]}
+        trainings = character_trainings(store)  # one query for the whole list
+        return {"characters": [character_json(c, request, store, trainings) for c in _characters().list()]}
 
     @router.post("/refgen/characters", tags=["refgen"], status_code=201)
     def create_character(body: CharacterBody, request: Request) -> dict:
@@ -271,7 +272,8 @@ def _character_errors(field: str = "name") -> Iterator[None]:
         raise LeonardoRequestError(field, str(exc)) from None
 
 
-def character_json(character: Any, request: Request, store: AssetStore) -> dict:
+def character_json(character: Any, request: Request, store: AssetStore, trainings: Optional[dict] = None) -> dict:
+    """A character as the API shows it; `trainings`: character_trainings(store), when the caller has it already."""
     anchors = [{"index": number, "url": str(request.url_for("character_anchor", name=character.slug, number=number)),
                 "width": info["size"][0], "height": info["size"][1], "bbox": info["bbox"],
                 "detScore": info.get("det_score")}
@@ -280,14 +282,18 @@ def character_json(character: Any, request: Request, store: AssetStore) -> dict:
             "keep": character.keep, "hasMask": character.mask_path is not None, "lora": character.lora or None,
             "anchors": anchors, "faceUrl": str(request.url_for("character_face", name=character.slug)),
             "trainings": [{"userLoraId": int(t.id), "status": t.job.status, "progress": t.job.progress, "error": t.job.error}
-                          for t in character_trainings(store, character.slug)]}
+                          for t in (trainings if trainings is not None else character_trainings(store)).get(
+                              _training_mark(character.slug), [])]}
 
 
-def character_trainings(store: AssetStore, slug: str) -> list:
-    """The elements trained from this character (newest first), by the description /train gives them."""
+def character_trainings(store: AssetStore) -> dict[str, list]:
+    """The elements trained from characters (newest first), by the description /train gives them."""
     from .store import DEFAULT_USER
 
-    return [t for t in store.list_trainings("element", DEFAULT_USER, 0, 1000) if t.description == _training_mark(slug)]
+    found: dict[str, list] = {}
+    for training in store.list_trainings("element", DEFAULT_USER, 0, 1000):
+        found.setdefault(training.description, []).append(training)
+    return found
 
 
 def _training_mark(slug: str) -> str:
